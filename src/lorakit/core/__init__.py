@@ -1,0 +1,1 @@
+"""The small, stable heart of lorakit: wrappers, injection, registry, files."""

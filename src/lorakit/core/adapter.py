@@ -1,0 +1,132 @@
+"""The adapter contract: a config dataclass base and the protocol every method implements.
+
+An adapter is an `nn.Module` attached to one base layer. It never touches the base weight
+during training; it only adds to the layer's output:
+
+    h = base(x) + adapter.delta(x, base(x))
+
+`delta_weight()` returns the same update as a dense matrix (d_out, d_in) for merging and
+export, and `to_lora(rank)` gives (A, B, scale) with ΔW ≈ scale·B·A so any method can be
+served or exported as plain LoRA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from lorakit.errors import ConfigError
+
+#: Names of adapters become ModuleDict keys and directory names: keep them boring.
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
+
+
+def check_adapter_name(name: str) -> str:
+    """Reject names that could escape a directory or break module paths ('../x', 'a.b', '')."""
+    if not isinstance(name, str) or not ADAPTER_NAME_RE.match(name):
+        raise ConfigError(
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-' "
+            "(no dots, slashes or leading '-')"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What an adapter needs to know about the base layer it is attached to.
+
+    `weight()` returns the live base weight oriented as (d_out, d_in) for linear layers
+    (GPT-2's Conv1D is transposed for you) and (num_embeddings, dim) for embeddings.
+    """
+
+    name: str  # module path in the model, e.g. "model.layers.0.self_attn.q_proj"
+    kind: str  # "linear" | "embedding"
+    in_features: int  # d_in (num_embeddings for embeddings)
+    out_features: int  # d_out (embedding_dim for embeddings)
+    dtype: torch.dtype
+    device: torch.device
+    weight: typing.Callable[[], torch.Tensor]
+    embedding_kwargs: dict = field(default_factory=dict)  # padding_idx, max_norm, ...
+
+
+@dataclass
+class AdapterConfig:
+    """Fields shared by every method.
+
+    target: which modules get the adapter: a module name ("q_proj", matched as a suffix of
+        the module path), a list of names, a regular expression (full match on the module
+        path), or "all-linear" (every linear layer except the output head).
+    modules_to_save: whole modules (e.g. a classification head "score") that are trained
+        fully and stored with the adapter.
+    """
+
+    method: ClassVar[str] = ""
+    target: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target, (list, tuple)):
+            if not self.target or not all(isinstance(t, str) and t for t in self.target):
+                raise ConfigError(f"target must be a non-empty list of module names, got {self.target!r}")
+            self.target = list(self.target)
+        elif not isinstance(self.target, str) or not self.target:
+            raise ConfigError(f"target must be a module name, list, regex or 'all-linear', got {self.target!r}")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    # -- serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Build from a dict; unknown keys are an error, never silently ignored."""
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        if method != cls.method:
+            raise ConfigError(f"config is for method {method!r}, not {cls.method!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(names)}"
+            )
+        return cls(**data)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_range(name: str, value: Any, lo: float, hi: float, hi_open: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value and (
+        value < hi if hi_open else value <= hi
+    )
+    if not ok:
+        bracket = ")" if hi_open else "]"
+        raise ConfigError(f"{name} must be in [{lo}, {hi}{bracket}, got {value!r}")
+    return float(value)
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """What every registered adapter module provides."""
+
+    method: ClassVar[str]
+    #: True when a freshly built adapter leaves the layer output unchanged (delta == 0).
+    zero_init: ClassVar[bool]
+    #: Layer kinds it can attach to ("linear", "embedding").
+    supports: ClassVar[tuple[str, ...]]
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) -> (..., d_out): what the adapter adds to the base output."""
+
+    def delta_weight(self) -> torch.Tensor:
+        """(d_out, d_in): the update as a dense matrix, for merge/export only."""

@@ -1,0 +1,282 @@
+"""Attach adapters to any `transformers` (or plain PyTorch) model, and manage them by name.
+
+Target matching follows PEFT so configs carry over:
+- "all-linear": every nn.Linear / GPT-2 Conv1D except the output head (lm_head / the
+  module tied to the output embeddings) and anything in `modules_to_save`;
+- a list of names: a module matches when its path equals the name or ends with "." + name;
+- a string without regex characters: the same as a one-element list;
+- any other string: a regular expression that must fully match the module path.
+
+Injection is all-or-nothing: every adapter is built first, and the model is only modified
+once all of them exist, so a bad config leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorakit.core.adapter import AdapterConfig, check_adapter_name
+from lorakit.core.layer import AdaptedLayer, wrapper_for
+from lorakit.core.registry import method_for_config
+from lorakit.errors import AdapterError, ConfigError
+
+_REGEX_CHARS = set("^$*+?()[]{}|\\")
+_HEAD_NAMES = ("lm_head", "embed_out", "output_projection", "score", "classifier", "qa_outputs")
+
+
+@dataclass
+class LorakitState:
+    """Per-model bookkeeping, stored as `model.lorakit`."""
+
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+
+
+def state(model: nn.Module) -> LorakitState:
+    st = getattr(model, "lorakit", None)
+    if st is None:
+        st = LorakitState()
+        # object.__setattr__: keep it out of nn.Module's parameter/module tracking
+        object.__setattr__(model, "lorakit", st)
+    return st
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+
+
+# -- target matching -------------------------------------------------------------------
+def _output_head_names(model: nn.Module) -> set[str]:
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for n, m in model.named_modules():
+        if (head is not None and m is head) or n.split(".")[-1] in _HEAD_NAMES:
+            names.add(n)
+    return names
+
+
+def _base_of(m: nn.Module) -> nn.Module:
+    return m.base if isinstance(m, AdaptedLayer) else m
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Module paths the config's `target` selects (errors if none match)."""
+    target = config.target
+    wrappers = tuple(n + "." for n in adapted_layers(model))
+    candidates = [
+        n for n, m in model.named_modules()
+        if wrapper_for(_base_of(m)) is not None and not (n.startswith(wrappers) if wrappers else False)
+    ]  # never wrap the inside of a wrapper
+    keep = set(config.modules_to_save or [])
+
+    def kept(n: str) -> bool:
+        return any(n == k or n.endswith("." + k) for k in keep)
+
+    if target == "all-linear":
+        heads = _output_head_names(model)
+        chosen = [
+            n for n in candidates
+            if wrapper_for(_base_of(model.get_submodule(n))).kind == "linear" and n not in heads and not kept(n)
+        ]
+    elif isinstance(target, list) or not (_REGEX_CHARS & set(target)):
+        names = target if isinstance(target, list) else [target]
+        chosen = [n for n in candidates if any(n == t or n.endswith("." + t) for t in names)]
+    else:
+        try:
+            rx = re.compile(target)
+        except re.error as e:
+            raise ConfigError(f"target {target!r} is not a valid regular expression: {e}") from None
+        chosen = [n for n in candidates if rx.fullmatch(n)]
+    if not chosen:
+        leaves = sorted({n.split(".")[-1] for n in candidates})
+        raise ConfigError(
+            f"target {target!r} matched no adaptable module; adaptable module names in this model: {leaves}"
+        )
+    return chosen
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+
+
+# -- inject / eject ----------------------------------------------------------------------
+@dataclass
+class InjectionPlan:
+    """Adapters built for every target but not yet attached (see `apply_plan`)."""
+
+    name: str
+    config: AdapterConfig
+    adapters: dict[str, nn.Module]  # module path -> adapter
+
+
+def plan_injection(model: nn.Module, config: AdapterConfig, name: str = "default") -> InjectionPlan:
+    """Build (but do not attach) one adapter per target module. Raises before any change."""
+    check_adapter_name(name)
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(f"expected an AdapterConfig, got {type(config).__name__}")
+    spec = method_for_config(config)
+    if name in state(model).configs:
+        raise AdapterError(f"adapter {name!r} already exists on this model; delete it first or pick another name")
+    for k in config.modules_to_save or []:
+        if not any(n == k or n.endswith("." + k) for n, _ in model.named_modules()):
+            raise ConfigError(f"modules_to_save entry {k!r} matches no module in the model")
+    adapters = {}
+    for path in find_targets(model, config):
+        module = model.get_submodule(path)
+        base = _base_of(module)
+        wrapper = module if isinstance(module, AdaptedLayer) else wrapper_for(base)(base)
+        lspec = wrapper.spec(path)
+        if lspec.kind not in spec.adapter_cls.supports:
+            raise ConfigError(f"method {spec.name!r} cannot adapt {lspec.kind} layer {path!r}")
+        adapter = spec.adapter_cls(lspec, config)
+        adapters[path] = adapter.to(device=lspec.device)
+    return InjectionPlan(name, config, adapters)
+
+
+def apply_plan(model: nn.Module, plan: InjectionPlan, activate: bool = True) -> nn.Module:
+    """Attach planned adapters (cannot fail half-way: all checks happened in planning)."""
+    for path, adapter in plan.adapters.items():
+        module = model.get_submodule(path)
+        if not isinstance(module, AdaptedLayer):
+            module = wrapper_for(module)(module)
+            _set_submodule(model, path, module)
+        module.adapters[plan.name] = adapter
+    st = state(model)
+    st.configs[plan.name] = plan.config
+    if activate:
+        activate_adapters(model, st.active + [plan.name])
+    _freeze_base(model)
+    return model
+
+
+def inject(model: nn.Module, config: AdapterConfig, name: str = "default", activate: bool = True) -> nn.Module:
+    """Attach a new adapter `name` (method given by the config's class) to `model` in place.
+
+    The adapter is added to the active set (several active adapters add their outputs).
+    Afterwards only adapter parameters (and `modules_to_save`) require grad.
+    """
+    return apply_plan(model, plan_injection(model, config, name), activate=activate)
+
+
+def _freeze_base(model: nn.Module) -> None:
+    st = state(model)
+    keep = {k for cfg in st.configs.values() for k in (cfg.modules_to_save or [])}
+    for n, p in model.named_parameters():
+        p.requires_grad_(False)
+    for layer in adapted_layers(model).values():
+        for p in layer.adapters.parameters():
+            p.requires_grad_(True)
+    for n, m in model.named_modules():
+        if any(n == k or n.endswith("." + k) for k in keep) and not isinstance(m, AdaptedLayer):
+            for p in m.parameters():
+                p.requires_grad_(True)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(state(model).configs)
+
+
+def _check_known(model: nn.Module, names) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    known = state(model).configs
+    for n in names:
+        if n not in known:
+            raise AdapterError(f"unknown adapter {n!r}; this model has {sorted(known) or 'no adapters'}")
+    return names
+
+
+def activate_adapters(model: nn.Module, names) -> None:
+    """Make exactly `names` active (their outputs add)."""
+    names = list(dict.fromkeys(_check_known(model, names)))
+    for layer in adapted_layers(model).values():
+        layer.active = [n for n in names if n in layer.adapters]
+    state(model).active = names
+
+
+def deactivate_adapters(model: nn.Module, names=None) -> None:
+    """Deactivate `names` (all when None). Merged adapters must be unmerged first."""
+    st = state(model)
+    names = st.active if names is None else _check_known(model, names)
+    merged = {n for layer in adapted_layers(model).values() for n in layer.merged}
+    if merged & set(names):
+        raise AdapterError(f"adapters {sorted(merged & set(names))} are merged into the base weights; unmerge first")
+    activate_adapters(model, [n for n in st.active if n not in names])
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`; wrappers left with no adapter give their base layer back."""
+    _check_known(model, name)
+    deactivate_adapters(model, [name])
+    for path, layer in adapted_layers(model).items():
+        if name in layer.adapters:
+            del layer.adapters[name]
+        if len(layer.adapters) == 0:
+            _set_submodule(model, path, layer.base)
+    del state(model).configs[name]
+
+
+def eject(model: nn.Module) -> nn.Module:
+    """Remove every adapter (unmerging first), leaving the original modules in place."""
+    for name in list(state(model).configs):
+        unmerge(model, [name])
+        delete_adapter(model, name)
+    return model
+
+
+# -- merge -------------------------------------------------------------------------------
+def merge(model: nn.Module, names=None) -> nn.Module:
+    """Fold the given (default: active) adapters into the base weights. Idempotent."""
+    names = state(model).active if names is None else _check_known(model, names)
+    for layer in adapted_layers(model).values():
+        layer.merge(names)
+    return model
+
+
+def unmerge(model: nn.Module, names=None) -> nn.Module:
+    """Undo `merge` (for the given adapters, default all). Idempotent."""
+    names = None if names is None else _check_known(model, names)
+    for layer in adapted_layers(model).values():
+        layer.unmerge(names)
+    return model
+
+
+# -- per-row routing ---------------------------------------------------------------------
+@contextlib.contextmanager
+def route(model: nn.Module, adapter_ids, names=None):
+    """Within the block, row i of every batch uses adapter `names[adapter_ids[i]]` only.
+
+    `adapter_ids` is a (batch,) integer tensor or list; -1 means "base model only".
+    `names` defaults to the model's adapters in insertion order.
+
+        with lorakit.route(model, [0, 1, -1], names=["fr", "de"]):
+            logits = model(input_ids).logits  # row 0 via "fr", row 1 via "de", row 2 plain
+    """
+    names = adapter_names(model) if names is None else _check_known(model, names)
+    ids = torch.as_tensor(adapter_ids, dtype=torch.long)
+    if ids.dim() != 1:
+        raise ValueError(f"adapter_ids must be 1-D (batch,), got shape {tuple(ids.shape)}")
+    if len(ids) and (ids.max() >= len(names) or ids.min() < -1):
+        raise AdapterError(f"adapter_ids must lie in [-1, {len(names) - 1}] for names {names}, got {ids.tolist()}")
+    layers = list(adapted_layers(model).values())
+    for layer in layers:
+        layer.route = (ids, names)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.route = None
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

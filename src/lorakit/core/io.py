@@ -1,0 +1,393 @@
+"""Adapter files: `adapter_config.json` + `adapter_model.safetensors`, PEFT-compatible.
+
+Layout of a saved adapter directory:
+    adapter_config.json        PEFT's fields (plain LoRA loads in `peft.PeftModel`) plus a
+                               "lorakit" section: method, full config, adapted modules,
+                               base model id and a hash of its config
+    adapter_model.safetensors  tensors named "base_model.model.<module path>.<param>",
+                               e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+Writes are atomic: both files are written and fsynced into a hidden temporary directory
+that is then renamed into place, so a process killed mid-save leaves either the old adapter
+or the new one, never a mix. Loading validates everything before touching the model, and
+never unpickles (`.bin` checkpoints are refused).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+from torch import nn
+
+from lorakit.core.adapter import AdapterConfig
+from lorakit.core.inject import (
+    InjectionPlan,
+    adapted_layers,
+    apply_plan,
+    find_targets,
+    plan_injection,
+    state,
+)
+from lorakit.core.layer import AdaptedConv1D
+from lorakit.core.registry import get_method
+from lorakit.errors import AdapterError, AdapterFileError, ConfigError, LorakitError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+_KEEP_ON_OVERWRITE = ("README.md",)  # files PEFT writes next to an adapter; carried over
+
+
+# -- saving ------------------------------------------------------------------------------
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """File-ready tensors of adapter `name` (+ its modules_to_save), PEFT key names."""
+    st = state(model)
+    if name not in st.configs:
+        raise AdapterError(f"unknown adapter {name!r}; this model has {sorted(st.configs) or 'no adapters'}")
+    out = {}
+    for path, layer in adapted_layers(model).items():
+        if name in layer.adapters:
+            for k, t in layer.adapters[name].state_dict().items():
+                out[f"{PREFIX}{path}.{k}"] = t.detach().cpu().contiguous().clone()
+    for path in _modules_to_save_paths(model, st.configs[name]):
+        for k, t in model.get_submodule(path).state_dict().items():
+            out[f"{PREFIX}{path}.{k}"] = t.detach().cpu().contiguous().clone()
+    return out
+
+
+def _modules_to_save_paths(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    keep = cfg.modules_to_save or []
+    return [n for n, _ in model.named_modules() if n and any(n == k or n.endswith("." + k) for k in keep)]
+
+
+def _task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+def _compact_targets(model: nn.Module, paths: list[str]) -> list[str]:
+    """Leaf names ("q_proj") when they select exactly `paths` (PEFT suffix rule), else full paths."""
+    leaves = sorted({p.split(".")[-1] for p in paths})
+    layers = {n for n, m in model.named_modules()}
+    selected = {n for n in layers if n.split(".")[-1] in leaves and not _inside_wrapper(model, n)}
+    return leaves if selected == set(paths) else sorted(paths)
+
+
+def _inside_wrapper(model: nn.Module, path: str) -> bool:
+    return any(path.startswith(w + ".") for w in adapted_layers(model))
+
+
+def build_config_json(model: nn.Module, name: str, base_model: str | None = None) -> dict:
+    from lorakit.models import config_hash, model_id
+
+    cfg = state(model).configs[name]
+    paths = [p for p, layer in adapted_layers(model).items() if name in layer.adapters]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "method": cfg.method,
+        "config": {k: v for k, v in cfg.to_dict().items() if k != "method"},
+        "adapted_modules": paths,
+        "base_model": base_model or model_id(model),
+        "base_config_hash": config_hash(model),
+    }
+    out: dict = {"peft_type": None, "task_type": _task_type(model), "base_model_name_or_path": meta["base_model"]}
+    if cfg.method == "lora":  # plain LoRA: PEFT's own fields so peft.PeftModel loads it
+        out.update(
+            peft_type="LORA",
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            use_rslora=cfg.rslora,
+            init_lora_weights=True if cfg.init == "kaiming" else "gaussian",
+            bias="none",
+            fan_in_fan_out=any(isinstance(adapted_layers(model)[p], AdaptedConv1D) for p in paths),
+            target_modules=_compact_targets(model, paths),
+            modules_to_save=cfg.modules_to_save,
+            rank_pattern=dict(cfg.rank_pattern),
+            alpha_pattern=dict(cfg.alpha_pattern),
+            inference_mode=True,
+        )
+    out["lorakit"] = meta
+    return out
+
+
+def save(model: nn.Module, path: str | os.PathLike, name: str = "default", base_model: str | None = None) -> Path:
+    """Write adapter `name` to directory `path` atomically. Returns the path."""
+    tensors = adapter_tensors(model, name)
+    config = build_config_json(model, name, base_model)
+    files = {
+        CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=False) + "\n").encode(),
+        WEIGHTS_NAME: st_save(tensors, metadata={"format": "pt", "lorakit_method": config["lorakit"]["method"]}),
+    }
+    return write_dir_atomic(Path(path), files)
+
+
+def write_dir_atomic(path: Path, files: dict[str, bytes]) -> Path:
+    """Replace directory `path` by one holding exactly `files` (+ kept extras), atomically."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise AdapterFileError(f"cannot save adapter to {path}: it exists and is not a directory")
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in (*files, *_KEEP_ON_OVERWRITE))
+        if foreign:
+            raise AdapterFileError(
+                f"refusing to overwrite {path}: it holds files that are not part of an adapter {foreign}"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    try:
+        for fname, data in files.items():
+            _write_synced(tmp / fname, data)
+        for extra in _KEEP_ON_OVERWRITE:
+            if (path / extra).is_file():
+                shutil.copy2(path / extra, tmp / extra)
+        _fsync_dir(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_synced(file: Path, data: bytes) -> None:
+    with open(file, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp dirs left by killed saves (their pid is gone)."""
+    for p in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(p.name[len(f".{path.name}.tmp-"):].split("-")[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- loading ------------------------------------------------------------------------------
+def read_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:
+    """Parse an adapter directory's config (lorakit- or PEFT-written).
+
+    Returns (config, lorakit_meta); meta is {} for PEFT-written adapters.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        hint = ""
+        olds = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+        if olds:
+            hint = f"; an interrupted save left the previous version at {olds[-1]} (rename it back)"
+        raise AdapterFileError(f"adapter directory not found: {path}{hint}")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise AdapterFileError(f"{cfg_file} is missing: not an adapter directory")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{cfg_file} must hold a JSON object, found {type(data).__name__}")
+    try:
+        if isinstance(data.get("lorakit"), dict):
+            meta = data["lorakit"]
+            spec = get_method(meta.get("method", ""))
+            cfg_dict = meta.get("config", {})
+            if not isinstance(cfg_dict, dict):
+                raise ConfigError("'lorakit.config' must be an object")
+            return spec.config_cls.from_dict(cfg_dict), meta
+        return _config_from_peft(data), {}
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
+    except TypeError as e:  # wrong value types reaching a dataclass
+        raise ConfigError(f"{cfg_file}: {e}") from None
+
+
+def _config_from_peft(data: dict) -> AdapterConfig:
+    from lorakit.methods.lora import LoraConfig
+
+    ptype = data.get("peft_type")
+    if ptype != "LORA":
+        raise ConfigError(f"unsupported adapter type peft_type={ptype!r}; lorakit reads PEFT LoRA adapters")
+    for key, ok in (("use_dora", False), ("layers_to_transform", None), ("layer_replication", None),
+                    ("lora_bias", False), ("use_qalora", False)):
+        if data.get(key, ok) not in (ok, None, False):
+            raise ConfigError(f"PEFT option {key}={data[key]!r} is not supported by lorakit's LoRA")
+    if data.get("bias", "none") != "none":
+        raise ConfigError(f"PEFT option bias={data['bias']!r} is not supported (only 'none')")
+    target = data.get("target_modules")
+    if target is None:
+        raise ConfigError("PEFT config has no target_modules")
+    init = data.get("init_lora_weights", True)
+    return LoraConfig(
+        target=target if isinstance(target, str) else list(target),
+        r=data.get("r", 8),
+        alpha=data.get("lora_alpha", 8),
+        dropout=data.get("lora_dropout", 0.0) or 0.0,
+        rslora=bool(data.get("use_rslora", False)),
+        init="gaussian" if init == "gaussian" else "kaiming",
+        modules_to_save=data.get("modules_to_save"),
+        rank_pattern=data.get("rank_pattern") or {},
+        alpha_pattern=data.get("alpha_pattern") or {},
+    )
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of an adapter's safetensors file, with errors that name the file."""
+    path = Path(path)
+    file = path / WEIGHTS_NAME
+    if not file.is_file():
+        if any((path / n).exists() for n in ("adapter_model.bin", "pytorch_model.bin")):
+            raise AdapterFileError(
+                f"{path} holds a pickled .bin checkpoint; lorakit never unpickles files. "
+                "Re-save it as safetensors (e.g. PeftModel.save_pretrained(..., safe_serialization=True))."
+            )
+        raise AdapterFileError(f"{file} is missing")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFileError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | None = None,
+    activate: bool = True,
+    trainable: bool = False,
+    check_base: bool = True,
+) -> nn.Module:
+    """Attach the adapter saved at `path` (written by lorakit or PEFT) to `model`.
+
+    Everything is validated before the model changes: on any error the model is untouched.
+    `trainable=False` freezes the loaded adapter (for inference / composition).
+    """
+    path = Path(path)
+    cfg, meta = read_config(path)
+    name = name or "default"
+    if check_base and meta.get("base_config_hash"):
+        from lorakit.models import config_hash
+
+        found = config_hash(model)
+        if found != meta["base_config_hash"]:
+            raise AdapterFileError(
+                f"{path / CONFIG_NAME}: adapter was trained on base model {meta.get('base_model')!r} "
+                f"(config hash {meta['base_config_hash'][:12]}), but this model's config hash is {found[:12]}; "
+                "pass check_base=False to load anyway"
+            )
+    plan = plan_injection(model, cfg, name)
+    if meta.get("adapted_modules") is not None and sorted(meta["adapted_modules"]) != sorted(plan.adapters):
+        missing = sorted(set(meta["adapted_modules"]) - set(plan.adapters))
+        extra = sorted(set(plan.adapters) - set(meta["adapted_modules"]))
+        raise AdapterFileError(
+            f"{path / CONFIG_NAME}: adapted modules differ from this model's matches "
+            f"(in file only: {missing[:5]}, in model only: {extra[:5]})"
+        )
+    tensors = read_tensors(path)
+    saved = _assign_tensors(model, plan, tensors, path / WEIGHTS_NAME)
+    with torch.no_grad():
+        for mpath, adapter in plan.adapters.items():
+            adapter.load_state_dict(saved[mpath], strict=True)
+    apply_plan(model, plan, activate=activate)  # cannot fail from here on
+    with torch.no_grad():
+        for mpath, sd in saved.items():
+            if mpath not in plan.adapters:  # modules_to_save
+                model.get_submodule(mpath).load_state_dict(sd, strict=True)
+    if not trainable:
+        for adapter in plan.adapters.values():
+            adapter.requires_grad_(False)
+    return model
+
+
+def _assign_tensors(model, plan: InjectionPlan, tensors: dict, file: Path) -> dict[str, dict]:
+    """Map file keys to planned adapters / modules_to_save; check names, shapes and dtypes."""
+    owners = {p: a.state_dict() for p, a in plan.adapters.items()}
+    for p in _modules_to_save_paths(model, plan.config):
+        owners[p] = model.get_submodule(p).state_dict()
+    by_len = sorted(owners, key=len, reverse=True)  # longest module path wins
+    out: dict[str, dict] = {p: {} for p in owners}
+    for key, t in tensors.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        owner = next((p for p in by_len if k.startswith(p + ".")), None)
+        local = k[len(owner) + 1:] if owner else None
+        if owner is None or local not in owners[owner]:
+            raise AdapterFileError(f"{file}: unexpected tensor {key!r} (no matching adapter parameter in the model)")
+        expected = owners[owner][local]
+        if tuple(t.shape) != tuple(expected.shape):
+            raise AdapterFileError(
+                f"{file}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(expected.shape)}"
+            )
+        if t.dtype.is_floating_point != expected.dtype.is_floating_point:
+            raise AdapterFileError(f"{file}: tensor {key!r} has dtype {t.dtype}, expected {expected.dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AdapterFileError(f"{file}: tensor {key!r} contains NaN or inf")
+        out[owner][local] = t.to(expected.dtype)
+    for p in owners:
+        missing = sorted(set(owners[p]) - set(out[p]))
+        if missing:
+            raise AdapterFileError(f"{file}: missing tensor {PREFIX}{p}.{missing[0]} (and {len(missing) - 1} more)")
+    return out
+
+
+def adapter_info(path: str | os.PathLike) -> dict:
+    """Summary of a saved adapter without a model: method, targets, ranks, parameter count."""
+    cfg, meta = read_config(path)
+    tensors = read_tensors(path)
+    info = {
+        "path": str(path),
+        "method": cfg.method,
+        "written_by": "lorakit" if meta else "peft",
+        "target": cfg.target,
+        "modules": len(meta.get("adapted_modules", []))
+        or sum(k.endswith(("lora_A.weight", "lora_embedding_A")) for k in tensors),
+        "parameters": int(sum(t.numel() for t in tensors.values())),
+        "bytes": int(sum(t.numel() * t.element_size() for t in tensors.values())),
+        "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
+        "base_model": meta.get("base_model"),
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("method",)},
+    }
+    return info
+
+
+__all__ = ["save", "load", "read_config", "read_tensors", "adapter_info", "LorakitError", "find_targets"]

@@ -1,0 +1,1 @@
+"""Pure tensor math used by lorakit: no ``nn.Module`` state lives here."""
