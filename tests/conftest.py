@@ -53,3 +53,47 @@ def tokens():
 def logits_of(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Moni, muli bwanji? Ndili bwino, zikomo kwambiri.",
+    "Pack my box with five dozen liquor jugs.",
+    "Mulungu anakonda dziko lapansi kotero kuti anapatsa Mwana wake.",
+]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in code on a few sentences (offline, ~50 ms)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama + tokenizer saved as a local HF model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=320, max_position_embeddings=128,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("data") / "train.txt"
+    f.write_text("\n\n".join(CORPUS * 40))
+    return f

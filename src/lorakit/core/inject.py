@@ -223,10 +223,18 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     del state(model).configs[name]
 
 
-def eject(model: nn.Module) -> nn.Module:
-    """Remove every adapter (unmerging first), leaving the original modules in place."""
+def eject(model: nn.Module, keep_merged: bool = False) -> nn.Module:
+    """Remove every adapter, leaving the original modules in place.
+
+    Merged adapters are unmerged first, unless `keep_merged=True`: then their updates stay
+    in the base weights (a plain model for `save_pretrained`, e.g. `lorakit export`).
+    """
+    for layer in adapted_layers(model).values():
+        if keep_merged:
+            layer.merged.clear()
+        else:
+            layer.unmerge()
     for name in list(state(model).configs):
-        unmerge(model, [name])
         delete_adapter(model, name)
     return model
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -32,13 +33,12 @@ from lorakit.core.inject import (
     InjectionPlan,
     adapted_layers,
     apply_plan,
-    find_targets,
     plan_injection,
     state,
 )
 from lorakit.core.layer import AdaptedConv1D
 from lorakit.core.registry import get_method
-from lorakit.errors import AdapterError, AdapterFileError, ConfigError, LorakitError
+from lorakit.errors import AdapterError, AdapterFileError, ConfigError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -340,6 +340,22 @@ def load(
     return model
 
 
+def load_weights(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Copy saved tensors into the existing adapter `name` (e.g. resuming a checkpoint)."""
+    st = state(model)
+    if name not in st.configs:
+        raise AdapterError(f"unknown adapter {name!r}; this model has {sorted(st.configs) or 'no adapters'}")
+    existing = {p: layer.adapters[name] for p, layer in adapted_layers(model).items() if name in layer.adapters}
+    plan = InjectionPlan(name, st.configs[name], existing)
+    saved = _assign_tensors(model, plan, read_tensors(path), Path(path) / WEIGHTS_NAME)
+    with torch.no_grad():
+        for mpath, sd in saved.items():
+            target = existing.get(mpath) or model.get_submodule(mpath)
+            for k, t in sd.items():
+                target.state_dict()[k].copy_(t)
+    return model
+
+
 def _assign_tensors(model, plan: InjectionPlan, tensors: dict, file: Path) -> dict[str, dict]:
     """Map file keys to planned adapters / modules_to_save; check names, shapes and dtypes."""
     owners = {p: a.state_dict() for p, a in plan.adapters.items()}
@@ -370,6 +386,49 @@ def _assign_tensors(model, plan: InjectionPlan, tensors: dict, file: Path) -> di
     return out
 
 
+def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default", rank: int | None = None) -> Path:
+    """Write adapter `name` of any method as a plain PEFT LoRA adapter via `to_lora(rank)`.
+
+    Exact for methods whose update is low-rank (LoRA and its relatives); methods with a
+    full-rank update are truncated to `rank` (best Frobenius approximation).
+    """
+    st = state(model)
+    if name not in st.configs:
+        raise AdapterError(f"unknown adapter {name!r}; this model has {sorted(st.configs) or 'no adapters'}")
+    tensors, ranks, leaf_kinds = {}, {}, {}
+    for p, layer in adapted_layers(model).items():
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        if not hasattr(adapter, "to_lora"):
+            raise ConfigError(f"method {st.configs[name].method!r} cannot be exported to LoRA (no to_lora)")
+        a, b, scale = adapter.to_lora(rank)
+        a, b = a.detach().float(), (b.detach() * scale).float()  # fold the scale into B
+        if layer.kind == "embedding":  # PEFT stores the table update transposed
+            tensors[f"{PREFIX}{p}.lora_embedding_A"] = b.T.contiguous()
+            tensors[f"{PREFIX}{p}.lora_embedding_B"] = a.T.contiguous()
+        else:
+            tensors[f"{PREFIX}{p}.lora_A.weight"] = a.contiguous()
+            tensors[f"{PREFIX}{p}.lora_B.weight"] = b.contiguous()
+        ranks[p] = a.shape[0]
+        leaf_kinds[p] = isinstance(layer, AdaptedConv1D)
+    r = max(ranks.values())
+    # exact per-module ranks; alpha == r everywhere so PEFT's scale alpha/r is 1
+    pattern = {re.escape(p): k for p, k in ranks.items() if k != r}
+    cfg = {
+        "peft_type": "LORA", "task_type": _task_type(model), "r": r, "lora_alpha": r,
+        "rank_pattern": pattern, "alpha_pattern": dict(pattern), "lora_dropout": 0.0, "bias": "none",
+        "use_rslora": False, "fan_in_fan_out": any(leaf_kinds.values()), "target_modules": sorted(ranks),
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": st.configs[name].modules_to_save,
+        "base_model_name_or_path": None,
+    }
+    for mp in _modules_to_save_paths(model, st.configs[name]):
+        for k, t in model.get_submodule(mp).state_dict().items():
+            tensors[f"{PREFIX}{mp}.{k}"] = t.detach().cpu().contiguous().clone()
+    files = {CONFIG_NAME: (json.dumps(cfg, indent=2) + "\n").encode(), WEIGHTS_NAME: st_save(tensors, {"format": "pt"})}
+    return write_dir_atomic(Path(path), files)
+
+
 def adapter_info(path: str | os.PathLike) -> dict:
     """Summary of a saved adapter without a model: method, targets, ranks, parameter count."""
     cfg, meta = read_config(path)
@@ -390,4 +449,4 @@ def adapter_info(path: str | os.PathLike) -> dict:
     return info
 
 
-__all__ = ["save", "load", "read_config", "read_tensors", "adapter_info", "LorakitError", "find_targets"]
+__all__ = ["save", "load", "load_weights", "read_config", "read_tensors", "adapter_info", "write_dir_atomic"]

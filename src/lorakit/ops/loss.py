@@ -97,10 +97,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 loss += (lse - target).sum()
                 if not need_any:
                     continue
-                g = e.div_(denom)  # softmax, still in the same buffer
-                g.scatter_add_(1, y_c, torch.full(y_c.shape, -1.0, dtype=cdtype, device=device))
-                if scale != 1.0:
-                    g.mul_(scale)
+                # (softmax - onehot) * scale, still in the same buffer, in one pass + a scatter
+                g = e.mul_(denom.reciprocal_().mul_(scale))
+                g.scatter_add_(1, y_c, torch.full(y_c.shape, -scale, dtype=cdtype, device=device))
                 if t is not None:  # d(s * tanh(z/s))/dz = 1 - tanh^2(z/s)
                     g.mul_(t.square_().neg_().add_(1.0))
                 if need_h:

