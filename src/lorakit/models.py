@@ -138,26 +138,7 @@ def load_model(
         raise ConfigError(f"num_labels={num_labels} only applies to task='seq-cls', not {task!r}")
     dtype = _as_dtype(dtype)
 
-    if name_or_path in MODEL_ALIASES:
-        alias = MODEL_ALIASES[name_or_path]
-        if task not in alias.tasks:
-            raise ConfigError(
-                f"model {alias.name!r} supports task {', '.join(alias.tasks)}, not {task!r}"
-            )
-        model_dir = _alias_dir(alias)
-        model_name = alias.name
-    else:
-        model_dir = Path(name_or_path).expanduser()
-        if not model_dir.is_dir():
-            raise ConfigError(
-                f"unknown model {name_or_path!r}: not a known alias "
-                f"({', '.join(MODEL_ALIASES)}) and not an existing directory"
-            )
-        if not (model_dir / "config.json").is_file():
-            raise ConfigError(f"{model_dir} holds no config.json, so it is not a model directory")
-        model_dir = model_dir.resolve()
-        model_name = str(model_dir)
-
+    model_dir, model_name = _resolve(name_or_path, task)
     tokenizer = _load_tokenizer(model_dir)
     model = _load_from_dir(model_dir, task, num_labels, dtype)
     if task == "seq-cls" and model.config.pad_token_id is None:
@@ -219,6 +200,25 @@ def cache_root() -> Path:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _resolve(name_or_path: str, task: str) -> tuple[Path, str]:
+    """(Hugging Face directory to load, model id) for an alias or a local directory."""
+    if name_or_path in MODEL_ALIASES:
+        alias = MODEL_ALIASES[name_or_path]
+        if task not in alias.tasks:
+            raise ConfigError(f"model {alias.name!r} supports task {', '.join(alias.tasks)}, not {task!r}")
+        return _alias_dir(alias), alias.name
+    model_dir = Path(name_or_path).expanduser()
+    if not model_dir.is_dir():
+        raise ConfigError(
+            f"unknown model {name_or_path!r}: not a known alias "
+            f"({', '.join(MODEL_ALIASES)}) and not an existing directory"
+        )
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"{model_dir} holds no config.json, so it is not a model directory")
+    model_dir = model_dir.resolve()
+    return model_dir, str(model_dir)
 
 
 def _go_offline() -> None:
@@ -325,8 +325,7 @@ def _build_gguf_cache(alias: ModelAlias, sources: list[Path], cache_dir: Path) -
         if len(sources) == 1:
             gguf = sources[0]
         else:
-            gguf = tmp / "assembled.gguf"
-            assemble_parts(sources, gguf)
+            gguf = assemble_parts(sources, tmp / "assembled.gguf", _expected_sha256(alias))
         model, tokenizer = _load_gguf(gguf)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -337,19 +336,36 @@ def _build_gguf_cache(alias: ModelAlias, sources: list[Path], cache_dir: Path) -
         (tmp / _MARKER).write_text(json.dumps(marker, indent=1))
 
 
-def assemble_parts(parts: list[Path], dest: Path) -> Path:
-    """Concatenate GGUF chunks in order into ``dest`` and check the result's magic bytes."""
+def assemble_parts(parts: list[Path], dest: Path, sha256: str | None = None) -> Path:
+    """Concatenate GGUF chunks in order into ``dest``; check the magic bytes and, when given,
+    the sha256 of the result (a chunk from another package version would corrupt it)."""
+    digest = hashlib.sha256()
     with open(dest, "wb") as out:
         for part in parts:
             with open(part, "rb") as src:
-                shutil.copyfileobj(src, out, length=16 << 20)
+                while block := src.read(16 << 20):
+                    digest.update(block)
+                    out.write(block)
     with open(dest, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelNotAvailableError(
-                f"chunks {[p.name for p in parts]} do not assemble into a GGUF file "
-                "(bad magic bytes); reinstall the packages"
-            )
+        magic = f.read(4)
+    if magic != b"GGUF" or (sha256 is not None and digest.hexdigest() != sha256.lower()):
+        what = "bad magic bytes" if magic != b"GGUF" else "sha256 mismatch"
+        raise ModelNotAvailableError(
+            f"chunks {[p.name for p in parts]} do not assemble into the expected GGUF file "
+            f"({what}); reinstall the packages so their versions match"
+        )
     return dest
+
+
+def _expected_sha256(alias: ModelAlias) -> str | None:
+    """The GGUF's sha256 from a ``SHA256SUMS`` file in the main package, if it ships one."""
+    root = _package_dir(alias.module)
+    for sums in sorted(root.rglob("SHA256SUMS")) if root else []:
+        for line in sums.read_text().splitlines():
+            fields = line.split()
+            if len(fields) == 2 and fields[1].lstrip("*").endswith(".gguf"):
+                return fields[0]
+    return None
 
 
 def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -37,7 +37,8 @@ def test_label_matches_topic_text():
 
     def sporty(topic):  # fraction of a topic's articles that use sports words
         docs = [t.lower() for t, y in zip(texts, labels) if names[y] == topic]
-        return sum(any(w in t for w in ("coach", "champion", "cup", "season", "injur", "club")) for t in docs) / len(docs)
+        words = ("coach", "champion", "cup", "season", "injur", "club")
+        return sum(any(w in t for w in words) for t in docs) / len(docs)
 
     assert sporty("sports") > 0.6 > 0.2 > max(sporty(n) for n in names if n != "sports")
 

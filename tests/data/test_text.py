@@ -122,6 +122,21 @@ def test_pack_byte_level_decodes_back_to_the_text(bpe_tok):
     assert joined.startswith(bpe_tok.decode(blocks.flatten().tolist()))
 
 
+def test_pack_adds_bos_when_the_tokenizer_would(words_tok):
+    from tokenizers.processors import TemplateProcessing
+
+    texts = ["the cat", "a mat"]
+    ids = words_tok.convert_tokens_to_ids(["the", "cat", "<eos>", "a", "mat", "<eos>"])
+    words_tok.add_special_tokens({"bos_token": "<pad>"})  # reuse an existing id as bos
+    bos = words_tok.bos_token_id
+    assert pack(words_tok, texts, 3).flatten().tolist() == ids  # the tokenizer adds no bos: neither do we
+    words_tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<pad> $A", special_tokens=[("<pad>", bos)]
+    )  # now it adds bos itself, like Gemma's
+    assert pack(words_tok, texts, 4).flatten().tolist() == [bos] + ids[:3] + [bos] + ids[3:]
+    assert pack(words_tok, texts, 3, add_bos=False).flatten().tolist() == ids
+
+
 def test_pack_errors(words_tok):
     with pytest.raises(ConfigError, match="block_size must be >= 1"):
         pack(words_tok, ["the cat"], block_size=0)
@@ -129,3 +144,5 @@ def test_pack_errors(words_tok):
     with pytest.raises(ConfigError, match="no eos token"):
         pack(words_tok, ["the cat"], block_size=2)
     assert pack(words_tok, ["the cat"], block_size=2, add_eos=False).shape == (1, 2)
+    with pytest.raises(ConfigError, match="no bos token"):
+        pack(words_tok, ["the cat"], block_size=2, add_eos=False, add_bos=True)

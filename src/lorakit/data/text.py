@@ -179,12 +179,15 @@ def pack(
     texts: list[str],
     block_size: int,
     add_eos: bool = True,
+    add_bos: bool | None = None,
     batch_size: int = 1000,
 ) -> torch.Tensor:
     """Tokenise ``texts`` and cut the token stream into full blocks.
 
-    Each text is tokenised without special tokens and, with ``add_eos``, followed by the eos id,
-    so blocks may span document boundaries (standard causal-LM packing). The tail shorter than
+    Each text is tokenised without special tokens, preceded by the bos id when ``add_bos`` and
+    followed by the eos id when ``add_eos``, so blocks may span document boundaries (standard
+    causal-LM packing). ``add_bos=None`` adds bos exactly when the tokenizer itself would (Gemma's
+    does and its model degrades without it; SmolLM2's and BERT's do not). The tail shorter than
     ``block_size`` is dropped.
 
     Returns:
@@ -200,11 +203,19 @@ def pack(
     if add_eos and eos is None:
         raise ConfigError("add_eos=True but the tokenizer has no eos token; set one or pass add_eos=False")
 
+    bos = tokenizer.bos_token_id
+    if add_bos is None:
+        add_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
+    elif add_bos and bos is None:
+        raise ConfigError("add_bos=True but the tokenizer has no bos token")
+
     stream: list[int] = []
     for start in range(0, len(texts), batch_size):
         # batched calls let fast (Rust) tokenizers work on many texts at once
         batch = tokenizer(texts[start : start + batch_size], add_special_tokens=False, verbose=False)
         for ids in batch["input_ids"]:
+            if add_bos:
+                stream.append(bos)
             stream.extend(ids)
             if add_eos:
                 stream.append(eos)
