@@ -114,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     if a.steps < 1 or a.rounds < 1 or a.warmup < 0:
         p.error("need --steps >= 1, --rounds >= 1, --warmup >= 0")
+    compiles = a.compile or any(VARIANTS[v].get("compile") for v in a.variants)
+    if compiles and a.warmup < 1:
+        p.error("torch.compile runs on the first step: use --warmup >= 1 so it is not timed")
     return a
 
 
@@ -210,7 +213,14 @@ def run_child(a: argparse.Namespace) -> dict:
             log(f"[{name}] skipped: {why}")
             return {**result, "skipped": why}
 
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
     from lorakit.models import load_model
+
+    hf_logging.disable_progress_bar()  # keep stderr to one progress line per step
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from peft/transformers
 
     t0 = time.perf_counter()
     torch.manual_seed(a.seed)
@@ -248,19 +258,13 @@ def run_child(a: argparse.Namespace) -> dict:
 
     # The loss each implementation would use in practice.
     if impl == "lorakit":
-        from lorakit.evaluate import _fused_head
-        from lorakit.ops.loss import causal_lm_loss
+        from lorakit.train import causal_lm_training_loss  # exactly what LorakitTrainer uses
 
-        head = _fused_head(model)
-        if head is None:
-            raise RuntimeError("lorakit's fused head is unavailable for this model (adapted LM head?)")
-        decoder, weight, bias, softcap = head
         if compile_:
-            decoder = torch.compile(decoder)
+            model.model = torch.compile(model.model)
 
         def compute_loss(x):
-            hidden = decoder(input_ids=x).last_hidden_state
-            return causal_lm_loss(hidden, weight, x, bias=bias, logit_softcap=softcap, chunk_size=a.chunk_size)
+            return causal_lm_training_loss(model, x, x, chunk_size=a.chunk_size)
     else:
         def compute_loss(x):
             return model(input_ids=x, labels=x).loss  # HF: full (B*T, V) fp32 logits

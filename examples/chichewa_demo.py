@@ -32,7 +32,7 @@ from lorakit.train import TrainConfig, train
 
 PROMPT = "Ndipo masiku akuweruza oweruzawo"  # Ruth 1:1, a held-out book
 DEFAULT = dict(model="smollm2-135m", data="chichewa", block_size=128, batch_size=8, max_steps=150,
-               lr=1e-3, warmup_steps=10, scheduler="cosine", replay=0.25, replay_data="kjv", save_steps=50,
+               lr=1e-3, warmup_steps=10, scheduler="cosine", replay=0.15, replay_data="kjv", save_steps=50,
                logging_steps=10, seed=0)
 ADAPTER = dict(r=16, alpha=32, target="all-linear")
 

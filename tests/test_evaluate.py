@@ -123,9 +123,9 @@ def test_fused_path_equals_logits_fallback(model, tokenizer):
         def forward(self, **kw):
             return self.m(**kw)
 
-    from lorakit.evaluate import _fused_head
+    from lorakit.evaluate import fused_head
 
-    assert _fused_head(model) is not None and _fused_head(LogitsOnly(model)) is None
+    assert fused_head(model) is not None and fused_head(LogitsOnly(model)) is None
     a = evaluate_lm(model, tokenizer, CORPUS, block_size=10, progress=False)
     b = evaluate_lm(LogitsOnly(model), tokenizer, CORPUS, block_size=10, progress=False)
     assert a["nll_nats"] == pytest.approx(b["nll_nats"], rel=1e-5)

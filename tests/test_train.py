@@ -30,7 +30,7 @@ def adapter_weights(out):
 
 
 def test_train_writes_adapter_log_plot_and_learns(tiny_model_dir, text_file, tmp_path):
-    res = train(cfg(tiny_model_dir, text_file, tmp_path / "run", max_steps=12), adapter={"r": 4})
+    train(cfg(tiny_model_dir, text_file, tmp_path / "run", max_steps=12), adapter={"r": 4})
     files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"adapter", "train_log.json", "loss.png"} <= files
     ckpt = tmp_path / "run" / "checkpoint-12"

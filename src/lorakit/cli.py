@@ -89,6 +89,7 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--repetition-penalty", type=float, default=1.3)
     g.add_argument("--seed", type=int, default=0)
 
     verb("methods", "List the registered adapter methods.")
@@ -262,15 +263,18 @@ def cmd_generate(args) -> int:
 
     model, tok = _load(args)
     torch.manual_seed(args.seed)
-    print(generate(model, tok, args.prompt, args.max_new_tokens, args.temperature))
+    print(generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.repetition_penalty))
     return 0
 
 
-def generate(model, tok, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0) -> str:
+def generate(model, tok, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
+             repetition_penalty: float = 1.3) -> str:
+    """Decode a continuation of `prompt` (greedy when temperature == 0)."""
     import torch
 
     enc = tok(prompt, return_tensors="pt")
-    kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+              repetition_penalty=repetition_penalty)
     if temperature > 0:
         kw["temperature"] = temperature
     with torch.inference_mode():

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from lorakit.errors import ConfigError
 from lorakit.ops.loss import chunked_linear_cross_entropy
 
-__all__ = ["evaluate_lm", "evaluate_classifier", "fertility"]
+__all__ = ["evaluate_lm", "evaluate_classifier", "fertility", "fused_head"]
 
 _IGNORE = -100
 
@@ -68,7 +68,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _fused_head(model: nn.Module):
+def fused_head(model: nn.Module):
     """(decoder, weight, bias, softcap) when logits == head(decoder(...)) exactly, else None."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
@@ -177,7 +177,7 @@ def evaluate_lm(
     # Longest first: batches of similar lengths waste little padding.
     windows.sort(key=lambda w: len(w[0]), reverse=True)
 
-    fused = _fused_head(model)
+    fused = fused_head(model)
     device = _model_device(model)
     pad_id = prefix if prefix is not None else 0  # any valid id: padded positions are masked out
     total_nll, total_tokens = 0.0, 0

@@ -23,11 +23,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lorakit.errors import ConfigError, ModelNotAvailableError
+from lorakit.fsutil import atomic_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -42,7 +38,6 @@ if TYPE_CHECKING:
 TASKS = ("causal-lm", "seq-cls", "base")
 CACHE_FORMAT = 1  # bump when the cache layout changes; older caches are then rebuilt
 _MARKER = "lorakit_cache.json"  # written last: a cache dir without it is incomplete
-_STALE_TMP_S = 3600.0  # temp build dirs older than this belong to a dead process
 
 
 @dataclass(frozen=True)
@@ -321,7 +316,7 @@ def _cache_is_fresh(cache_dir: Path, sources: list[Path]) -> bool:
 
 def _build_gguf_cache(alias: ModelAlias, sources: list[Path], cache_dir: Path) -> None:
     """Dequantise a GGUF to fp32 and save it (+ tokenizer) to ``cache_dir``, atomically."""
-    with _atomic_dir(cache_dir) as tmp:
+    with atomic_dir(cache_dir) as tmp:
         if len(sources) == 1:
             gguf = sources[0]
         else:
@@ -400,45 +395,6 @@ def _drop_quantizer(model: PreTrainedModel) -> None:
             model.is_quantized = False
         except AttributeError:
             pass  # a read-only property derived from hf_quantizer
-
-
-@contextmanager
-def _atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``dest``; when the block succeeds, rename it to
-    ``dest`` (replacing a stale one). On any error the temporary directory is removed and
-    ``dest`` is untouched."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache should read like any other dir
-    try:
-        yield tmp
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.replace(dest, old)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            # another process published first (a non-empty dir cannot be replaced): keep theirs
-            if not dest.is_dir():
-                raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_stale_tmp(dest: Path) -> None:
-    """Remove temp build dirs that a killed process left beside ``dest``."""
-    now = time.time()
-    for pattern in (f".{dest.name}.tmp-*", f".{dest.name}.old-*"):
-        for path in dest.parent.glob(pattern):
-            try:
-                if now - path.stat().st_mtime > _STALE_TMP_S:
-                    shutil.rmtree(path, ignore_errors=True)
-            except OSError:
-                pass
 
 
 def _load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:

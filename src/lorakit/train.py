@@ -171,11 +171,30 @@ def classification_dataset(cfg: TrainConfig, tokenizer) -> tuple[ClassificationD
 
 
 # -- the trainer ------------------------------------------------------------------------------
+DEFAULT_LOSS_CHUNK = 1024
+
+
+def causal_lm_training_loss(model: nn.Module, input_ids, labels, attention_mask=None,
+                            chunk_size: int = DEFAULT_LOSS_CHUNK) -> torch.Tensor | None:
+    """Mean next-token loss computed from the decoder's hidden states in row chunks.
+
+    Equals `model(input_ids, labels=labels).loss` but never holds the (tokens × vocab)
+    logits or their gradient. Returns None for models whose logits are not a plain
+    head(decoder(x)) (e.g. an adapter on the LM head): use the model's own loss then.
+    """
+    from lorakit.evaluate import fused_head
+    from lorakit.ops.loss import causal_lm_loss
+
+    head = fused_head(model)
+    if head is None:
+        return None
+    decoder, weight, bias, softcap = head
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return causal_lm_loss(hidden, weight, labels, bias=bias, logit_softcap=softcap, chunk_size=chunk_size)
+
+
 def _trainer_cls():
     from transformers import Trainer
-
-    from lorakit.evaluate import _fused_head
-    from lorakit.ops.loss import causal_lm_loss
 
     class LorakitTrainer(Trainer):
         """Trainer with a chunked causal-LM loss and adapter-only checkpoints."""
@@ -187,13 +206,13 @@ def _trainer_cls():
             self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            head = _fused_head(self.accelerator.unwrap_model(model)) if self.chunked_loss else None
-            if head is None or return_outputs or "input_ids" not in inputs or inputs.get("labels") is None:
+            loss = None
+            if self.chunked_loss and not return_outputs and "input_ids" in inputs and "labels" in inputs:
+                loss = causal_lm_training_loss(self.accelerator.unwrap_model(model), inputs["input_ids"],
+                                               inputs["labels"], inputs.get("attention_mask"))
+            if loss is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            decoder, weight, bias, softcap = head
-            labels = inputs["labels"]
-            hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
-            return causal_lm_loss(hidden, weight, labels, bias=bias, logit_softcap=softcap)
+            return loss
 
         def _save(self, output_dir=None, state_dict=None):
             # adapter weights only (KB-MB), never a full copy of the base model

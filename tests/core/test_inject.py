@@ -99,7 +99,7 @@ def test_several_active_adapters_add(tokens):
     db = logits_of(m, tokens) - base
     lorakit.activate(m, ["a", "b"])
     both = logits_of(m, tokens)
-    assert not torch.allclose(da, torch.zeros_like(da))
+    assert not torch.allclose(da, torch.zeros_like(da)) and not torch.allclose(da, db)
     # outputs add per layer; the network is non-linear so only check the first layer exactly
     layer = m.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 5, 32)

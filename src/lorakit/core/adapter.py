@@ -86,17 +86,13 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
         """Build from a dict; unknown keys are an error, never silently ignored."""
+        from lorakit.config import from_dict
+
         data = dict(data)
         method = data.pop("method", cls.method)
         if method != cls.method:
             raise ConfigError(f"config is for method {method!r}, not {cls.method!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(
-                f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(names)}"
-            )
-        return cls(**data)
+        return from_dict(cls, data)
 
 
 def check_positive_int(name: str, value: Any) -> int:

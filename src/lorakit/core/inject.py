@@ -71,7 +71,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     wrappers = tuple(n + "." for n in adapted_layers(model))
     candidates = [
         n for n, m in model.named_modules()
-        if wrapper_for(_base_of(m)) is not None and not (n.startswith(wrappers) if wrappers else False)
+        if wrapper_for(_base_of(m)) is not None and not n.startswith(wrappers)
     ]  # never wrap the inside of a wrapper
     keep = set(config.modules_to_save or [])
 

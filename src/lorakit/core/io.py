@@ -19,8 +19,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import torch
@@ -39,6 +37,7 @@ from lorakit.core.inject import (
 from lorakit.core.layer import AdaptedConv1D
 from lorakit.core.registry import get_method
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError
+from lorakit.fsutil import atomic_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -146,64 +145,13 @@ def write_dir_atomic(path: Path, files: dict[str, bytes]) -> Path:
             raise AdapterFileError(
                 f"refusing to overwrite {path}: it holds files that are not part of an adapter {foreign}"
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         for fname, data in files.items():
-            _write_synced(tmp / fname, data)
+            (tmp / fname).write_bytes(data)
         for extra in _KEEP_ON_OVERWRITE:
             if (path / extra).is_file():
                 shutil.copy2(path / extra, tmp / extra)
-        _fsync_dir(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def _write_synced(file: Path, data: bytes) -> None:
-    with open(file, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temp dirs left by killed saves (their pid is gone)."""
-    for p in path.parent.glob(f".{path.name}.tmp-*"):
-        try:
-            pid = int(p.name[len(f".{path.name}.tmp-"):].split("-")[0])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- loading ------------------------------------------------------------------------------

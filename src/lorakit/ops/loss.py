@@ -63,7 +63,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_any = need_h or need_w or need_b
         cdtype = _compute_dtype(hidden.dtype, weight.dtype, *(() if bias is None else (bias.dtype,)))
         device = hidden.device
-        n_rows = hidden.shape[0]
 
         # Autocast would silently run our matmuls in bf16; the whole point is fp32 accumulation.
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
