@@ -70,18 +70,24 @@ DEFAULT_OUT = HERE / "results" / "train_step.json"
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # name -> how the child builds it; `ref` is the PEFT row its ratios are taken against.
+# alloc: the malloc the child runs with. PEFT rows run as PEFT users run them (glibc);
+# lorakit rows as `lorakit train` runs them (tcmalloc when installed, see lorakit/allocator.py).
+# The "-tcmalloc" / "-system" rows give the same-allocator comparison.
 VARIANTS = {
-    "full-ft": dict(impl="full", target=None, ref="peft-all"),
-    "peft-qkvo": dict(impl="peft", target="qkvo", ref="peft-qkvo"),
-    "lorakit-qkvo": dict(impl="lorakit", target="qkvo", ref="peft-qkvo"),
-    "peft-all": dict(impl="peft", target="all-linear", ref="peft-all"),
-    "lorakit-all": dict(impl="lorakit", target="all-linear", ref="peft-all"),
-    "lorakit-all-bf16": dict(impl="lorakit", target="all-linear", ref="peft-all", bf16=True),
-    "lorakit-all-compile": dict(impl="lorakit", target="all-linear", ref="peft-all", compile=True),
+    "full-ft": dict(impl="full", target=None, ref="peft-all", alloc="system"),
+    "peft-qkvo": dict(impl="peft", target="qkvo", ref="peft-qkvo", alloc="system"),
+    "lorakit-qkvo": dict(impl="lorakit", target="qkvo", ref="peft-qkvo", alloc="tcmalloc"),
+    "peft-all": dict(impl="peft", target="all-linear", ref="peft-all", alloc="system"),
+    "lorakit-all": dict(impl="lorakit", target="all-linear", ref="peft-all", alloc="tcmalloc"),
+    "peft-all-tcmalloc": dict(impl="peft", target="all-linear", ref="peft-all", alloc="tcmalloc"),
+    "lorakit-all-system": dict(impl="lorakit", target="all-linear", ref="peft-all", alloc="system"),
+    "lorakit-all-bf16": dict(impl="lorakit", target="all-linear", ref="peft-all", bf16=True, alloc="tcmalloc"),
+    "lorakit-all-compile": dict(impl="lorakit", target="all-linear", ref="peft-all", compile=True, alloc="tcmalloc"),
 }
 DEFAULT_VARIANTS = [v for v in VARIANTS if v != "lorakit-all-compile"]
 # (lorakit row, PEFT row) pairs whose loss curves must agree: same config, both fp32
-LOSS_PAIRS = [("lorakit-qkvo", "peft-qkvo"), ("lorakit-all", "peft-all"), ("lorakit-all-compile", "peft-all")]
+LOSS_PAIRS = [("lorakit-qkvo", "peft-qkvo"), ("lorakit-all", "peft-all"), ("lorakit-all-system", "peft-all"),
+              ("lorakit-all-compile", "peft-all")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,7 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads in each child (0 = torch's default)")
     # speed tricks for the lorakit children (all lorakit-* variants get them)
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder in every lorakit variant")
-    p.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of lorakit's loss")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="rows per chunk of lorakit's loss (default: lorakit.train.DEFAULT_LOSS_CHUNK)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (a PNG is written beside it)")
     # internal: run one variant and write its JSON to this path
     p.add_argument("--child", metavar="VARIANT", help=argparse.SUPPRESS)
@@ -202,10 +209,11 @@ def run_child(a: argparse.Namespace) -> dict:
     compile_ = spec.get("compile", False) or (a.compile and impl == "lorakit")
     name = a.tag or a.child
     result = dict(variant=a.child, impl=impl, target=spec["target"], bf16=bf16, compile=compile_,
-                  chunk_size=a.chunk_size if impl == "lorakit" else None)
+                  chunk_size=(a.chunk_size or "default") if impl == "lorakit" else None)
     if a.threads:
         torch.set_num_threads(a.threads)
     result["torch_threads"] = torch.get_num_threads()
+    result["allocator"] = "tcmalloc" if "tcmalloc" in Path("/proc/self/maps").read_text() else "system"
     if bf16:
         ok, why = bf16_support()
         result["bf16_support"] = why
@@ -258,13 +266,13 @@ def run_child(a: argparse.Namespace) -> dict:
 
     # The loss each implementation would use in practice.
     if impl == "lorakit":
-        from lorakit.train import causal_lm_training_loss  # exactly what LorakitTrainer uses
+        from lorakit.train import causal_lm_training_loss, compile_decoder  # what LorakitTrainer uses
 
         if compile_:
-            model.model = torch.compile(model.model)
+            compile_decoder(model)
 
         def compute_loss(x):
-            return causal_lm_training_loss(model, x, x, chunk_size=a.chunk_size)
+            return causal_lm_training_loss(model, x, x, **({"chunk_size": a.chunk_size} if a.chunk_size else {}))
     else:
         def compute_loss(x):
             return model(input_ids=x, labels=x).loss  # HF: full (B*T, V) fp32 logits
@@ -341,9 +349,19 @@ def spawn(a: argparse.Namespace, variant: str, tag: str) -> dict:
                "--tag", tag, "--steps", str(a.steps), "--warmup", str(a.warmup), "--model", a.model,
                "--batch", str(a.batch), "--seq", str(a.seq), "--r", str(a.r), "--alpha", str(a.alpha),
                "--lr", str(a.lr), "--seed", str(a.seed), "--threads", str(a.threads),
-               "--chunk-size", str(a.chunk_size)] + (["--compile"] if a.compile else [])
+               ] + (["--chunk-size", str(a.chunk_size)] if a.chunk_size else []) + (["--compile"] if a.compile else [])
+        env = dict(os.environ)
+        env.pop("LD_PRELOAD", None)
+        if VARIANTS[variant]["alloc"] == "tcmalloc":
+            sys.path.insert(0, str(HERE.parent / "src"))
+            from lorakit.allocator import tcmalloc_path  # torch-free import
+
+            if tcmalloc_path():
+                env["LD_PRELOAD"] = tcmalloc_path()
+            else:
+                log(f"[{tag}] tcmalloc not installed (apt-get install libtcmalloc-minimal4): running with glibc")
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env)
         wall = time.perf_counter() - t0
         if proc.returncode != 0 or not out.exists():
             log(f"[{tag}] FAILED (exit code {proc.returncode}); see its traceback above")
@@ -385,6 +403,7 @@ def summarise(a: argparse.Namespace, runs: list[list[dict]]) -> dict:
             "bf16": first["bf16"], "bf16_support": first.get("bf16_support"),
             "compile": first["compile"], "chunk_size": first["chunk_size"],
             "torch_threads": first["torch_threads"], "load_s": [r["load_s"] for r in ok],
+            "allocator": first.get("allocator"),
             "failed_rounds": len(bad),
         }
     for v, row in per.items():
@@ -416,6 +435,13 @@ def summarise(a: argparse.Namespace, runs: list[list[dict]]) -> dict:
         "time_ratio_qkvo": get("lorakit-qkvo", "time_ratio"),
         "rss_ratio_qkvo": get("lorakit-qkvo", "rss_ratio"),
         "step_rss_ratio": get("lorakit-all", "step_rss_ratio"),
+        # same allocator on both sides: what the library itself (not the allocator) buys
+        "same_allocator": {
+            "tcmalloc": {"time_ratio": ratio(get("lorakit-all", "median_step_s"), get("peft-all-tcmalloc", "median_step_s")),
+                         "rss_ratio": ratio(get("lorakit-all", "peak_rss_mb"), get("peft-all-tcmalloc", "peak_rss_mb"))},
+            "system": {"time_ratio": ratio(get("lorakit-all-system", "median_step_s"), get("peft-all", "median_step_s")),
+                       "rss_ratio": ratio(get("lorakit-all-system", "peak_rss_mb"), get("peft-all", "peak_rss_mb"))},
+        },
         "step_rss_ratio_qkvo": get("lorakit-qkvo", "step_rss_ratio"),
         "max_loss_diff": max(loss_diffs.values()) if loss_diffs else None,
         "loss_diffs": loss_diffs,
@@ -433,7 +459,7 @@ def fmt(x, spec):
 
 
 def print_table(summary: dict) -> None:
-    head = f"{'variant':<22} {'median s/step':>13} {'peak RSS MB':>11} {'step RSS MB':>11} " \
+    head = f"{'variant':<22} {'malloc':>8} {'median s/step':>13} {'peak RSS MB':>11} {'step RSS MB':>11} " \
            f"{'time ratio vs PEFT':>18} {'rss ratio vs PEFT':>17}"
     print(head)
     print("-" * len(head))
@@ -441,9 +467,12 @@ def print_table(summary: dict) -> None:
         if "median_step_s" not in row:
             print(f"{v:<22} {'skipped: ' + row['skipped'] if 'skipped' in row else 'FAILED: ' + row['failed']}")
             continue
-        print(f"{v:<22} {row['median_step_s']:>13.3f} {row['peak_rss_mb']:>11.0f} {fmt(row['step_peak_rss_mb'], '.0f'):>11} "
+        print(f"{v:<22} {row.get('allocator') or '-':>8} {row['median_step_s']:>13.3f} {row['peak_rss_mb']:>11.0f} {fmt(row['step_peak_rss_mb'], '.0f'):>11} "
               f"{fmt(row['time_ratio'], '.3f'):>18} {fmt(row['rss_ratio'], '.3f'):>17}")
     print()
+    for alloc, r in summary["same_allocator"].items():
+        print(f"same allocator ({alloc}): lorakit-all / PEFT time {fmt(r['time_ratio'], '.3f')}, "
+              f"peak RSS {fmt(r['rss_ratio'], '.3f')}")
     for pair, d in summary["loss_diffs"].items():
         print(f"max |loss diff| {pair}: {d:.2e}")
     if summary["bf16_vs_peft_all_max_loss_diff"] is not None:

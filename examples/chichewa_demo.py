@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import lorakit
+from lorakit.allocator import active as allocator, reexec_with_tcmalloc
 from lorakit.cli import generate
 from lorakit.data import chichewa_split, english_heldout_texts
 from lorakit.evaluate import evaluate_lm
@@ -45,6 +46,7 @@ def bpb(model, tok) -> dict[str, float]:
 
 
 def main() -> None:
+    reexec_with_tcmalloc()  # lower, stable memory and faster steps on CPU when available
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plain", action="store_true", help="no English replay (plain LoRA; forgets more)")
     ap.add_argument("--replay", type=float, default=None, help=f"replay fraction (default {DEFAULT['replay']})")
@@ -104,6 +106,7 @@ def main() -> None:
         "seconds": {"model_load": t_load, "train_and_eval": t_total, "train": res.log["seconds"]["train"]},
         "generation": {"prompt": PROMPT, "before": gen_before, "after": gen_after},
         "trainable_parameters": res.log["trainable_parameters"], "torch": torch.__version__,
+        "allocator": allocator(), "torch_threads": torch.get_num_threads(),
         "lorakit": lorakit.__version__,
     }
     results = Path(args.results or Path(run["output_dir"]) / "demo.json")

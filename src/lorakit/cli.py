@@ -117,6 +117,10 @@ def _method_from_argv(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] in ("train", "eval"):
+        from lorakit.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()  # long CPU jobs: a non-fragmenting allocator (see allocator.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parser(_method_from_argv(argv)).parse_args(argv)

@@ -71,6 +71,7 @@ class TrainConfig:
     resume: bool = False
     bf16: bool = False
     chunked_loss: bool = True
+    compile: bool = False  # torch.compile the decoder: ~12% faster steps after a 10-70 s compile
     max_length: int = 256  # seq-cls: truncate documents to this many tokens
     progress: bool = True
 
@@ -97,11 +98,16 @@ def load_run_config(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     return from_dict(TrainConfig, data, where=str(path)), adapter
 
 
-def build_adapter_config(method: str, adapter: dict[str, Any], task: str) -> AdapterConfig:
+CLASSIFIER_HEADS = ("score", "classifier")
+
+
+def build_adapter_config(method: str, adapter: dict[str, Any], task: str, model: nn.Module | None = None) -> AdapterConfig:
+    """The method's config from a dict; for seq-cls the fresh classification head is trained fully."""
     spec = get_method(method)
     kw = dict(adapter)
-    if task == "seq-cls" and "modules_to_save" not in kw:
-        kw["modules_to_save"] = ["score", "classifier"]  # train the new head fully, like PEFT's SEQ_CLS
+    if task == "seq-cls" and "modules_to_save" not in kw and model is not None:
+        leaves = {n.split(".")[-1] for n, _ in model.named_modules()}
+        kw["modules_to_save"] = [h for h in CLASSIFIER_HEADS if h in leaves] or None  # like PEFT's SEQ_CLS
     return spec.config_cls.from_dict(kw)
 
 
@@ -171,7 +177,7 @@ def classification_dataset(cfg: TrainConfig, tokenizer) -> tuple[ClassificationD
 
 
 # -- the trainer ------------------------------------------------------------------------------
-DEFAULT_LOSS_CHUNK = 1024
+DEFAULT_LOSS_CHUNK = 256  # rows: 256 x 49152 fp32 logits = 50 MB transient; as fast as 1024 here
 
 
 def causal_lm_training_loss(model: nn.Module, input_ids, labels, attention_mask=None,
@@ -191,6 +197,13 @@ def causal_lm_training_loss(model: nn.Module, input_ids, labels, attention_mask=
     decoder, weight, bias, softcap = head
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return causal_lm_loss(hidden, weight, labels, bias=bias, logit_softcap=softcap, chunk_size=chunk_size)
+
+
+def compile_decoder(model: nn.Module) -> nn.Module:
+    """torch.compile the decoder's forward in place (module tree, names and files unchanged)."""
+    decoder = model.base_model if getattr(model, "base_model", None) is not None else model
+    decoder.forward = torch.compile(decoder.forward)
+    return model
 
 
 def _trainer_cls():
@@ -289,9 +302,10 @@ def train(
     from lorakit.models import load_model
 
     t0 = time.time()
-    acfg = adapter if isinstance(adapter, AdapterConfig) else build_adapter_config(cfg.method, adapter or {}, cfg.task)
-    if acfg.method != cfg.method:
-        raise ConfigError(f"adapter config is for {acfg.method!r} but the run's method is {cfg.method!r}")
+    if isinstance(adapter, AdapterConfig) and adapter.method != cfg.method:
+        raise ConfigError(f"adapter config is for {adapter.method!r} but the run's method is {cfg.method!r}")
+    if not isinstance(adapter, AdapterConfig):  # validate before the (slow) model load
+        build_adapter_config(cfg.method, adapter or {}, cfg.task)
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     if model is None:
@@ -304,6 +318,7 @@ def train(
     if cfg.task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     t_model = time.time() - t0
+    acfg = adapter if isinstance(adapter, AdapterConfig) else build_adapter_config(cfg.method, adapter or {}, cfg.task, model)
     if cfg.task == "causal-lm":
         dataset = causal_lm_dataset(cfg, tokenizer)
     else:
@@ -311,6 +326,8 @@ def train(
     set_seed(cfg.seed)  # adapter init independent of how much data loading consumed the RNG
     lorakit.inject(model, acfg, name=adapter_name)
     trainable, total = lorakit.trainable_parameters(model)
+    if cfg.compile:
+        compile_decoder(model)
 
     resume = _last_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume is None and out.exists() and any(out.glob("checkpoint-*")):

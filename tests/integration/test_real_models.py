@@ -14,7 +14,7 @@ def test_smollm2_few_steps_then_peft_loads_it(tmp_path):
     from lorakit.models import load_model
 
     res = train(TrainConfig(model="smollm2-135m", data="chichewa", output_dir=str(tmp_path / "run"), max_steps=3,
-                            batch_size=2, block_size=64, save_steps=3, progress=False),
+                            batch_size=2, block_size=64, save_steps=3, logging_steps=1, progress=False),
                 adapter={"r": 4, "target": ["q_proj", "v_proj"]})
     losses = [h["loss"] for h in res.log["history"] if "loss" in h]
     assert len(losses) == 3 and all(l == l and l < 20 for l in losses)
@@ -30,7 +30,8 @@ def test_smollm2_few_steps_then_peft_loads_it(tmp_path):
 
 def test_minilm_sequence_classification_trains(tmp_path):
     res = train(TrainConfig(model="minilm-l6", task="seq-cls", data="bbc-news", output_dir=str(tmp_path / "bbc"),
-                            max_steps=4, batch_size=8, max_length=64, lr=5e-4, save_steps=4, progress=False),
+                            max_steps=4, batch_size=8, max_length=64, lr=5e-4, save_steps=4, logging_steps=1,
+                            progress=False),
                 adapter={"r": 4})
     assert res.model.classifier.weight.requires_grad
     fresh_losses = [h["loss"] for h in res.log["history"] if "loss" in h]
