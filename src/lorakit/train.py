@@ -354,9 +354,14 @@ def train(
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
     )
+    # methods with training-time behaviour (rank sampling, proximal steps, rank schedules)
+    # provide TrainerCallbacks through the optional classmethod `trainer_callbacks`
+    method_hooks = getattr(get_method(acfg.method).adapter_cls, "trainer_callbacks", None)
+    method_callbacks = list(method_hooks(model, adapter_name, acfg)) if method_hooks else []
     trainer = _trainer_cls()(
         model=model, args=args, train_dataset=dataset, adapter_name=adapter_name,
-        chunked_loss=cfg.chunked_loss and cfg.task == "causal-lm", callbacks=[_loss_plot_callback(out), *(callbacks or [])],
+        chunked_loss=cfg.chunked_loss and cfg.task == "causal-lm",
+        callbacks=[_loss_plot_callback(out), *method_callbacks, *(callbacks or [])],
     )
     t1 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)

@@ -304,3 +304,11 @@ def test_random_configs_inject_or_raise_config_error(r, alpha, dropout, target):
         assert_untouched(m)
     else:
         assert r > 0 and alpha > 0 and 0 <= dropout < 1
+
+
+def test_injecting_another_adapter_keeps_loaded_one_frozen(tmp_path):
+    _, path = saved_adapter(tmp_path)
+    m = lorakit.load(tiny_llama(), path, name="frozen")
+    lorakit.inject(m, lorakit.LoraConfig(r=2, target="q_proj"), name="new")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.new." in n for n in trainable)

@@ -126,3 +126,11 @@ class Adapter(Protocol):
 
     def delta_weight(self) -> torch.Tensor:
         """(d_out, d_in): the update as a dense matrix, for merge/export only."""
+
+    # Optional, not part of the protocol check:
+    #   to_lora(rank=None) -> (A (r, d_in), B (d_out, r), scale): exact where the update is
+    #       low-rank; best rank-`rank` approximation otherwise. Enables serving + PEFT export.
+    #   test_config: ClassVar[dict] — kwargs that make the method fit the tiny contract models.
+    #   trainer_callbacks(cls, model, name, config) -> list[transformers.TrainerCallback]:
+    #       training-time behaviour (rank sampling, proximal steps, rank schedules); `train()`
+    #       adds them to the Trainer, so they work inside any Trainer.

@@ -61,6 +61,16 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
+def name_matches(path: str, names) -> bool:
+    """PEFT's rule for a list of names: the path equals a name or ends with "." + name."""
+    return any(path == k or path.endswith("." + k) for k in names)
+
+
+def modules_to_save_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
+    keep = config.modules_to_save or []
+    return [n for n, _ in model.named_modules() if n and name_matches(n, keep)]
+
+
 def _base_of(m: nn.Module) -> nn.Module:
     return m.base if isinstance(m, AdaptedLayer) else m
 
@@ -73,20 +83,17 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         n for n, m in model.named_modules()
         if wrapper_for(_base_of(m)) is not None and not n.startswith(wrappers)
     ]  # never wrap the inside of a wrapper
-    keep = set(config.modules_to_save or [])
-
-    def kept(n: str) -> bool:
-        return any(n == k or n.endswith("." + k) for k in keep)
-
+    keep = config.modules_to_save or []
     if target == "all-linear":
         heads = _output_head_names(model)
         chosen = [
             n for n in candidates
-            if wrapper_for(_base_of(model.get_submodule(n))).kind == "linear" and n not in heads and not kept(n)
+            if wrapper_for(_base_of(model.get_submodule(n))).kind == "linear" and n not in heads
+            and not name_matches(n, keep)
         ]
     elif isinstance(target, list) or not (_REGEX_CHARS & set(target)):
         names = target if isinstance(target, list) else [target]
-        chosen = [n for n in candidates if any(n == t or n.endswith("." + t) for t in names)]
+        chosen = [n for n in candidates if name_matches(n, names)]
     else:
         try:
             rx = re.compile(target)
@@ -126,7 +133,7 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str = "default
     if name in state(model).configs:
         raise AdapterError(f"adapter {name!r} already exists on this model; delete it first or pick another name")
     for k in config.modules_to_save or []:
-        if not any(n == k or n.endswith("." + k) for n, _ in model.named_modules()):
+        if not any(name_matches(n, [k]) for n, _ in model.named_modules()):
             raise ConfigError(f"modules_to_save entry {k!r} matches no module in the model")
     adapters = {}
     for path in find_targets(model, config):
@@ -153,7 +160,7 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, activate: bool = True) -> 
     st.configs[plan.name] = plan.config
     if activate:
         activate_adapters(model, st.active + [plan.name])
-    _freeze_base(model)
+    _freeze_base(model, plan.adapters.values())
     return model
 
 
@@ -166,18 +173,17 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     return apply_plan(model, plan_injection(model, config, name), activate=activate)
 
 
-def _freeze_base(model: nn.Module) -> None:
-    st = state(model)
-    keep = {k for cfg in st.configs.values() for k in (cfg.modules_to_save or [])}
-    for n, p in model.named_parameters():
-        p.requires_grad_(False)
-    for layer in adapted_layers(model).values():
-        for p in layer.adapters.parameters():
-            p.requires_grad_(True)
-    for n, m in model.named_modules():
-        if any(n == k or n.endswith("." + k) for k in keep) and not isinstance(m, AdaptedLayer):
-            for p in m.parameters():
-                p.requires_grad_(True)
+def _freeze_base(model: nn.Module, new_adapters) -> None:
+    """Base parameters off, the new adapters on; other adapters keep their state."""
+    adapter_params = {id(p) for layer in adapted_layers(model).values() for p in layer.adapters.parameters()}
+    for p in model.parameters():
+        if id(p) not in adapter_params:
+            p.requires_grad_(False)
+    for adapter in new_adapters:
+        adapter.requires_grad_(True)
+    for cfg in state(model).configs.values():
+        for path in modules_to_save_paths(model, cfg):
+            model.get_submodule(path).requires_grad_(True)
 
 
 def adapter_names(model: nn.Module) -> list[str]:

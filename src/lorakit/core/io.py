@@ -31,6 +31,7 @@ from lorakit.core.inject import (
     InjectionPlan,
     adapted_layers,
     apply_plan,
+    modules_to_save_paths,
     plan_injection,
     state,
 )
@@ -57,15 +58,10 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if name in layer.adapters:
             for k, t in layer.adapters[name].state_dict().items():
                 out[f"{PREFIX}{path}.{k}"] = t.detach().cpu().contiguous().clone()
-    for path in _modules_to_save_paths(model, st.configs[name]):
+    for path in modules_to_save_paths(model, st.configs[name]):
         for k, t in model.get_submodule(path).state_dict().items():
             out[f"{PREFIX}{path}.{k}"] = t.detach().cpu().contiguous().clone()
     return out
-
-
-def _modules_to_save_paths(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    keep = cfg.modules_to_save or []
-    return [n for n, _ in model.named_modules() if n and any(n == k or n.endswith("." + k) for k in keep)]
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -307,7 +303,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, name: str = "default
 def _assign_tensors(model, plan: InjectionPlan, tensors: dict, file: Path) -> dict[str, dict]:
     """Map file keys to planned adapters / modules_to_save; check names, shapes and dtypes."""
     owners = {p: a.state_dict() for p, a in plan.adapters.items()}
-    for p in _modules_to_save_paths(model, plan.config):
+    for p in modules_to_save_paths(model, plan.config):
         owners[p] = model.get_submodule(p).state_dict()
     by_len = sorted(owners, key=len, reverse=True)  # longest module path wins
     out: dict[str, dict] = {p: {} for p in owners}
@@ -370,7 +366,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": st.configs[name].modules_to_save,
         "base_model_name_or_path": None,
     }
-    for mp in _modules_to_save_paths(model, st.configs[name]):
+    for mp in modules_to_save_paths(model, st.configs[name]):
         for k, t in model.get_submodule(mp).state_dict().items():
             tensors[f"{PREFIX}{mp}.{k}"] = t.detach().cpu().contiguous().clone()
     files = {CONFIG_NAME: (json.dumps(cfg, indent=2) + "\n").encode(), WEIGHTS_NAME: st_save(tensors, {"format": "pt"})}
