@@ -176,3 +176,12 @@ def test_gpt2_conv1d_merge_exact(tokens):
     out = logits_of(m, tokens)
     lorakit.merge(m)
     torch.testing.assert_close(logits_of(m, tokens), out, rtol=0, atol=1e-5)
+
+
+def test_injected_adapters_follow_model_mode():
+    m = tiny_llama()  # eval mode
+    lorakit.inject(m, lorakit.LoraConfig(dropout=0.5))
+    assert not any(mod.training for mod in m.modules())
+    m.train()
+    lorakit.inject(m, lorakit.LoraConfig(target="q_proj"), name="b")
+    assert all(mod.training for mod in m.modules())

@@ -144,6 +144,7 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str = "default
         if lspec.kind not in spec.adapter_cls.supports:
             raise ConfigError(f"method {spec.name!r} cannot adapt {lspec.kind} layer {path!r}")
         adapter = spec.adapter_cls(lspec, config)
+        adapter.train(base.training)  # a fresh nn.Module is in train mode; follow the model
         adapters[path] = adapter.to(device=lspec.device)
     return InjectionPlan(name, config, adapters)
 
@@ -153,7 +154,7 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, activate: bool = True) -> 
     for path, adapter in plan.adapters.items():
         module = model.get_submodule(path)
         if not isinstance(module, AdaptedLayer):
-            module = wrapper_for(module)(module)
+            module = wrapper_for(module)(module).train(module.training)
             _set_submodule(model, path, module)
         module.adapters[plan.name] = adapter
     st = state(model)
