@@ -33,7 +33,8 @@ EPILOGS = {
   lorakit eval --model minilm-l6 --task seq-cls --adapter runs/bbc/adapter --data bbc-news""",
     "export": """examples:
   lorakit export --adapter runs/lorakit/adapter --out merged-model            # merged HF model dir
-  lorakit export --adapter runs/lorakit/adapter --out peft-adapter --format peft""",
+  lorakit export --adapter runs/lorakit/adapter --out peft-adapter --format peft
+  lorakit export --adapter runs/dylora/adapter --out rank4 --format peft --rank 4""",
     "info": """examples:
   lorakit info runs/lorakit/adapter
   lorakit info runs/lorakit/adapter --json""",
@@ -78,7 +79,10 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     x = verb("export", "Merge an adapter into its base model, or write it in PEFT format.")
     _model_args(x)
     x.add_argument("--out", required=True, help="output directory")
-    x.add_argument("--format", choices=["merged", "peft"], default="merged")
+    x.add_argument("--format", choices=["merged", "peft"], default="merged",
+                   help="merged: a plain transformers model dir; peft: a PEFT LoRA adapter (any method, via to_lora)")
+    x.add_argument("--rank", type=int, default=None,
+                   help="peft format: export at this rank (DyLoRA's nested rank; SVD truncation for others)")
 
     i = verb("info", "Describe a saved adapter: method, targets, rank, parameter count.")
     i.add_argument("adapter", help="adapter directory (lorakit- or PEFT-written)")
@@ -230,7 +234,7 @@ def cmd_export(args) -> int:
         from lorakit.core.io import export_peft
 
         model, _ = _load(args)
-        export_peft(model, args.out)
+        export_peft(model, args.out, rank=args.rank)
         print(f"PEFT LoRA adapter written to {args.out}")
         return 0
     model, tok = _load(args)
