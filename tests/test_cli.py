@@ -94,3 +94,12 @@ def test_errors_exit_2_with_message(tmp_path, capsys):
     assert "adapter directory not found" in capsys.readouterr().err
     assert main(["train", "--model", "no-such-model", "--max-steps", "1"]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+def test_export_peft_at_lower_rank(trained, tiny_model_dir, tmp_path):
+    assert main(["export", "--model", str(tiny_model_dir), "--adapter", str(trained), "--out", str(tmp_path / "r2"),
+                 "--format", "peft", "--rank", "2"]) == 0
+    cfg = json.loads((tmp_path / "r2" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2
+    m = lorakit.load(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "r2")
+    assert lorakit.adapter_names(m) == ["default"]

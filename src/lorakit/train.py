@@ -176,6 +176,15 @@ def classification_dataset(cfg: TrainConfig, tokenizer) -> tuple[ClassificationD
     return ClassificationDataset(dict(enc), labels), names
 
 
+def first_batches(dataset, batch_size: int, n: int) -> list[dict[str, torch.Tensor]]:
+    """The first `n` batches of `dataset` (in dataset order), stacked like the default collator."""
+    from transformers import default_data_collator
+
+    n_items = min(len(dataset), n * batch_size)
+    items = [dataset[i] for i in range(n_items)]
+    return [default_data_collator(items[i:i + batch_size]) for i in range(0, n_items, batch_size)]
+
+
 # -- the trainer ------------------------------------------------------------------------------
 DEFAULT_LOSS_CHUNK = 256  # rows: 256 x 49152 fp32 logits = 50 MB transient; as fast as 1024 here
 
@@ -325,6 +334,9 @@ def train(
         dataset, _ = classification_dataset(cfg, tokenizer)
     set_seed(cfg.seed)  # adapter init independent of how much data loading consumed the RNG
     lorakit.inject(model, acfg, name=adapter_name)
+    data_init = getattr(get_method(acfg.method).adapter_cls, "data_init", None)
+    if data_init is not None:  # data-aware initialisations (PiSSA-style SVD, LoRA-GA, EVA, ...)
+        data_init(model, adapter_name, acfg, lambda n: first_batches(dataset, cfg.batch_size, n))
     trainable, total = lorakit.trainable_parameters(model)
     if cfg.compile:
         compile_decoder(model)

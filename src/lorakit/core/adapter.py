@@ -134,3 +134,6 @@ class Adapter(Protocol):
     #   trainer_callbacks(cls, model, name, config) -> list[transformers.TrainerCallback]:
     #       training-time behaviour (rank sampling, proximal steps, rank schedules); `train()`
     #       adds them to the Trainer, so they work inside any Trainer.
+    #   data_init(cls, model, name, config, batches) -> None: data-aware initialisation run
+    #       by `train()` after injection and before training; `batches(n)` returns the first
+    #       n training batches (dicts of tensors, as the model's forward takes them).
