@@ -70,5 +70,6 @@ def list_methods() -> list[MethodSpec]:
 
 
 def _load_builtin_methods() -> None:
-    # Importing the package registers every method file in it (see methods/__init__.py).
+    # Importing the packages registers every method file in them (see methods/__init__.py).
+    import lorakit.init  # noqa: F401
     import lorakit.methods  # noqa: F401
