@@ -108,3 +108,31 @@ def test_to_lora_exact_at_stacked_rank():
 def test_config_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
         HydraConfig(**bad)
+
+
+def test_sequential_branch_sees_the_bias_and_merge_moves_it():
+    """With a bias, h = W0x + b0 + s_p B_p A_p x + s_s B_s A_s (W0x + b0), as in the reference."""
+    m = tiny_bert()
+    lorakit.inject(m, HydraConfig(r=2, target="query"))
+    randomize(m)
+    layer = m.bert.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        layer.base.bias.normal_()
+    lorakit.delete(m, "default")  # rebuild so the adapter snapshots the non-zero bias
+    lorakit.inject(m, HydraConfig(r=2, target="query"))
+    randomize(m)
+    layer = m.bert.encoder.layer[0].attention.self.query
+    a = layer.adapters["default"]
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        base = layer.base(x)
+        ref = base + a.scale_par * a.par_B(a.par_A(x)) + a.scale_seq * a.seq_B(a.seq_A(base))
+        torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-5)
+        bias_before = layer.base.bias.clone()
+        lorakit.merge(m)
+        torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-5)
+        assert not torch.allclose(layer.base.bias, bias_before)
+        lorakit.unmerge(m)
+        torch.testing.assert_close(layer.base.bias, bias_before, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="shifts the layer bias"):
+        a.to_lora()

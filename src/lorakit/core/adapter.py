@@ -52,6 +52,7 @@ class LayerSpec:
     device: torch.device
     weight: typing.Callable[[], torch.Tensor]
     embedding_kwargs: dict = field(default_factory=dict)  # padding_idx, max_norm, ...
+    bias: typing.Callable[[], torch.Tensor | None] = lambda: None  # live base bias (d_out,) or None
 
 
 @dataclass
@@ -134,6 +135,8 @@ class Adapter(Protocol):
     #   trainer_callbacks(cls, model, name, config) -> list[transformers.TrainerCallback]:
     #       training-time behaviour (rank sampling, proximal steps, rank schedules); `train()`
     #       adds them to the Trainer, so they work inside any Trainer.
+    #   delta_bias() -> (d_out,) | None: a constant output shift that merge() adds to the base
+    #       bias (e.g. Hydra's sequential branch on W0 x + b0).
     #   data_init(cls, model, name, config, batches) -> None: data-aware initialisation run
     #       by `train()` after injection and before training; `batches(n)` returns the first
     #       n training batches (dicts of tensors, as the model's forward takes them).

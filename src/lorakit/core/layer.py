@@ -46,6 +46,7 @@ class AdaptedLayer(nn.Module):
         return LayerSpec(
             name=name, kind=self.kind, in_features=d_in, out_features=d_out,
             dtype=w.dtype, device=w.device, weight=self.weight_view,
+            bias=lambda: getattr(self.base, "bias", None),
         )
 
     # -- forward -----------------------------------------------------------------------
@@ -81,6 +82,7 @@ class AdaptedLayer(nn.Module):
             if name in self.adapters and name not in self.merged:
                 w = self.weight_view()
                 w += self.adapters[name].delta_weight().to(w.dtype)
+                self._shift_bias(name, +1)
                 self.merged.append(name)
 
     @torch.no_grad()
@@ -90,7 +92,16 @@ class AdaptedLayer(nn.Module):
             if names is None or name in names:
                 w = self.weight_view()
                 w -= self.adapters[name].delta_weight().to(w.dtype)
+                self._shift_bias(name, -1)
                 self.merged.remove(name)
+
+    def _shift_bias(self, name: str, sign: int) -> None:
+        """Adapters with a constant output shift (`delta_bias`) move the base bias too."""
+        hook = getattr(self.adapters[name], "delta_bias", None)
+        db = hook() if hook is not None else None
+        if db is not None:
+            b = self.base.bias  # an adapter only returns a shift when the base has a bias
+            b += sign * db.to(b.dtype)
 
 
 class AdaptedLinear(AdaptedLayer):

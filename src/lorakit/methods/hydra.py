@@ -3,18 +3,17 @@
 A parallel LoRA branch on the layer input plus a sequential LoRA branch on the frozen
 layer's output features, a learned linear combination of the pre-trained features:
 
-    h = W0 x + s_p · B_p A_p x + s_s · B_s A_s (W0 x)
-    ΔW = s_p B_p A_p + s_s B_s A_s W0          (merges exactly into W0)
+    h = W0 x + b0 + s_p · B_p A_p x + s_s · B_s A_s (W0 x + b0)
+    ΔW = s_p B_p A_p + s_s B_s A_s W0,  Δb = s_s B_s A_s b0     (merges exactly)
 
     A_p: (r, d_in), B_p: (d_out, r), A_s: (r_seq, d_out), B_s: (d_out, r_seq)
     A Kaiming-uniform, B zeros (reference NLU code), s_p = α/r, s_s = α/r_seq.
 
 Differences from the reference code (github.com/extremebird/Hydra), and why:
-- The reference feeds the sequential branch the layer output *with* its bias, W0 x + b0,
-  and folds s_s B_s A_s b0 into the bias when merging. lorakit's merge only adds ΔW to the
-  weight and adapters cannot see the bias, so here the sequential branch sees W0 x. On
-  bias-free layers (Llama, SmolLM2) this is identical; on biased layers (GPT-2, BERT) it
-  drops only the constant output shift s_s B_s A_s b0. The update stays exactly mergeable.
+- Like the reference, the sequential branch sees the layer output with its bias, W0 x + b0;
+  the constant shift s_s B_s A_s b0 is `delta_bias()`, which merge() folds into the base
+  bias. A plain LoRA cannot carry that shift, so `to_lora` (PEFT export, serving) refuses
+  layers whose bias is non-zero rather than silently dropping it.
 - The sequential branch is computed as B_s ((A_s W0) x) from a snapshot of W0 rather than
   from the `base_out` the layer passes in: `base_out` also contains other active adapters'
   deltas (and anything merged into the weight later), which would make the forward disagree
@@ -76,6 +75,8 @@ class Hydra(nn.Module):
             nn.init.zeros_(b.weight)
         # W0 snapshot (d_out, d_in): the sequential update is W0-dependent and must survive merge().
         self.register_buffer("w0", spec.weight().detach().clone().contiguous(), persistent=False)
+        b0 = spec.bias()  # (d_out,) or None, snapshotted for the same reason
+        self.register_buffer("b0", None if b0 is None else b0.detach().clone(), persistent=False)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Both branches stacked: A (r + r_seq, d_in), B (d_out, r + r_seq), scales folded into B."""
@@ -86,7 +87,15 @@ class Hydra(nn.Module):
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         # (..., d_in) -> (..., r + r_seq) -> (..., d_out); ΔW is never formed
         a, b = self.factors()
-        return (x.to(a.dtype) @ a.T) @ b.T
+        out = (x.to(a.dtype) @ a.T) @ b.T
+        db = self.delta_bias()
+        return out if db is None else out + db
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """(d_out,): s_s B_s A_s b0, the sequential branch's response to the base bias."""
+        if self.b0 is None:
+            return None
+        return self.seq_B.weight @ (self.seq_A.weight @ self.b0) * self.scale_seq
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()
@@ -94,6 +103,12 @@ class Hydra(nn.Module):
 
     def to_lora(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Exact at rank r + r_seq (the two branches stacked); SVD-truncated below that."""
+        db = self.delta_bias()
+        if db is not None and bool(db.abs().max() > 0):
+            raise ConfigError(
+                f"hydra adapter on {self.spec.name!r} shifts the layer bias (B_s A_s b0 ≠ 0), "
+                "which a plain LoRA cannot represent; merge it into the model instead (lorakit export --format merged)"
+            )
         a, b = (t.detach().clone() for t in self.factors())
         if rank is not None and rank < a.shape[0]:
             from lorakit.ops.lowrank import truncate
