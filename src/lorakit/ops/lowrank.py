@@ -14,8 +14,9 @@ def svd_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
     B = Qb Rb, Aᵀ = Qa Ra  =>  B A = Qb (Rb Raᵀ) Qaᵀ; the SVD of the r×r core gives the rest.
     """
-    qb, rb = torch.linalg.qr(b.float())  # (d_out, r), (r, r)
-    qa, ra = torch.linalg.qr(a.float().T)  # (d_in, r), (r, r)
+    dt = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)  # fp32, or fp64 if given
+    qb, rb = torch.linalg.qr(b.to(dt))  # (d_out, r), (r, r)
+    qa, ra = torch.linalg.qr(a.to(dt).T)  # (d_in, r), (r, r)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
     return qb @ u, s, vh @ qa.T
 
