@@ -26,7 +26,7 @@ def adapted(tiny_model_dir, adapter):
     return lorakit.load(m, adapter)
 
 
-@pytest.mark.parametrize("verb", ["train", "eval", "export", "info", "generate", "methods"])
+@pytest.mark.parametrize("verb", ["train", "eval", "export", "info", "generate", "methods", "merge"])
 def test_every_verb_has_help_with_examples(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])
@@ -103,3 +103,18 @@ def test_export_peft_at_lower_rank(trained, tiny_model_dir, tmp_path):
     assert cfg["r"] == 2
     m = lorakit.load(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "r2")
     assert lorakit.adapter_names(m) == ["default"]
+
+
+def test_merge_recipe_verb(trained, tiny_model_dir, tmp_path, tokens, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"base_model: {tiny_model_dir}\nadapters:\n  - {{path: {trained}, weight: 1.0}}\n"
+                      f"  - {{path: {trained}, weight: 1.0}}\nmethod: cat\noutput: {tmp_path / 'm'}\nformat: peft\n")
+    assert main(["merge", str(recipe)]) == 0
+    m = lorakit.load(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "m")
+    ref = adapted(tiny_model_dir, trained)
+    lorakit.load(ref, trained, name="again")
+    lorakit.activate(ref, ["default", "again"])  # the same adapter twice = the cat merge
+    torch.testing.assert_close(logits_of(m, tokens), logits_of(ref, tokens), rtol=0, atol=1e-5)
+    recipe.write_text("adapters: []\nmethd: cat\n")
+    assert main(["merge", str(recipe)]) == 2
+    assert "methd" in capsys.readouterr().err

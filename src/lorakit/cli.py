@@ -1,4 +1,4 @@
-"""`lorakit <verb>`: train, eval, export, info, generate, methods.
+"""`lorakit <verb>`: train, eval, export, merge, info, generate, methods.
 
 Flags of `train` are generated from `TrainConfig` and from the chosen method's config
 dataclass, so every field is settable from the command line or a YAML/JSON file.
@@ -42,6 +42,18 @@ EPILOGS = {
   lorakit generate --prompt "Pachiyambi Mulungu" --adapter runs/lorakit/adapter
   lorakit generate --model smollm2-135m --prompt "In the beginning" --max-new-tokens 30""",
     "methods": "examples:\n  lorakit methods",
+    "merge": """examples:
+  lorakit merge recipe.yaml
+recipe.yaml (mergekit style):
+  base_model: smollm2-135m          # default: the first adapter's base model
+  adapters:
+    - {path: runs/chichewa/adapter, weight: 1.0}
+    - {path: runs/notes/adapter, weight: 0.5}
+  method: ties                       # linear task_arithmetic cat svd ties dare_linear dare_ties magnitude_prune
+  rank: 16                           # output rank (not for the exact methods linear/task_arithmetic/cat)
+  density: 0.5                       # ties / dare / magnitude_prune: fraction of entries kept
+  output: runs/merged
+  format: peft                       # peft: a LoRA adapter; merged: a full transformers model dir""",
 }
 
 
@@ -97,6 +109,9 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
 
     verb("methods", "List the registered adapter methods.")
+
+    mg = verb("merge", "Merge several adapters (any mix of methods and ranks) by a YAML recipe.")
+    mg.add_argument("recipe", help="YAML/JSON merge recipe")
     return p
 
 
@@ -129,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser(_method_from_argv(argv)).parse_args(argv)
         return {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "info": cmd_info,
-                "generate": cmd_generate, "methods": cmd_methods}[args.verb](args)
+                "generate": cmd_generate, "methods": cmd_methods, "merge": cmd_merge}[args.verb](args)
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
@@ -288,6 +303,14 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 40, temperature: flo
     with torch.inference_mode():
         out = model.generate(**enc, **kw)
     return tok.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def cmd_merge(args) -> int:
+    from lorakit.compose import run_recipe
+
+    out = run_recipe(args.recipe)
+    print(f"merged adapter written to {out}")
+    return 0
 
 
 def cmd_methods(args) -> int:
