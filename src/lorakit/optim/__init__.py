@@ -1,0 +1,24 @@
+"""Memory-efficient full-parameter training: GaLore (low-rank gradient projection of Adam
+states) and LISA (a few sampled layers trainable at a time)."""
+
+from lorakit.optim.galore import (
+    GaLoreAdamW,
+    LayerwiseGaLore,
+    galore_param_groups,
+    galore_per_layer,
+    state_bytes,
+)
+from lorakit.optim.lisa import Lisa, LisaCallback, find_layers, sample_layers, set_active_layers
+
+__all__ = [
+    "GaLoreAdamW",
+    "LayerwiseGaLore",
+    "Lisa",
+    "LisaCallback",
+    "find_layers",
+    "galore_param_groups",
+    "galore_per_layer",
+    "sample_layers",
+    "set_active_layers",
+    "state_bytes",
+]
