@@ -118,3 +118,11 @@ def test_merge_recipe_verb(trained, tiny_model_dir, tmp_path, tokens, capsys):
     recipe.write_text("adapters: []\nmethd: cat\n")
     assert main(["merge", str(recipe)]) == 2
     assert "methd" in capsys.readouterr().err
+
+
+def test_train_full_parameter_galore_from_cli(tiny_model_dir, text_file, tmp_path, capsys):
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(text_file), "--output-dir", str(tmp_path / "g"),
+               "--block-size", "16", "--batch-size", "4", "--max-steps", "2", "--no-progress", "--method", "full",
+               "--optim", "galore", "--galore-rank", "4"])
+    assert rc == 0 and "model saved to" in capsys.readouterr().out
+    assert (tmp_path / "g" / "model" / "model.safetensors").exists()

@@ -122,3 +122,34 @@ def test_bad_train_config(kw, msg):
 def test_unknown_adapter_key(tiny_model_dir, text_file, tmp_path):
     with pytest.raises(ConfigError, match="rank"):
         train(cfg(tiny_model_dir, text_file, tmp_path / "x"), adapter={"rank": 4})
+
+
+@pytest.mark.parametrize("kw", [dict(optim="galore", galore_rank=4, galore_update_proj_gap=2),
+                                dict(optim="galore_layerwise", galore_rank=4),
+                                dict(lisa=True, lisa_layers=1, lisa_interval=2)])
+def test_full_parameter_training_galore_lisa(tiny_model_dir, text_file, tmp_path, kw):
+    res = train(cfg(tiny_model_dir, text_file, tmp_path / "full", method="full", max_steps=4, save_steps=4, **kw))
+    assert (res.adapter_dir / "model.safetensors").exists() and (res.adapter_dir / "config.json").exists()
+    losses = [h["loss"] for h in res.log["history"] if "loss" in h]
+    assert len(losses) == 4 and all(l == l for l in losses)
+    assert res.log["memory"]["peak_rss_mb"] > 0 and res.log["memory"]["optimizer_state_mb"] > 0
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(res.adapter_dir).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_galore_state_smaller_than_adamw(tiny_model_dir, text_file, tmp_path):
+    g = train(cfg(tiny_model_dir, text_file, tmp_path / "g", method="full", max_steps=2, save_steps=2,
+                  optim="galore", galore_rank=2))
+    a = train(cfg(tiny_model_dir, text_file, tmp_path / "a", method="full", max_steps=2, save_steps=2))
+    assert g.log["memory"]["optimizer_state_mb"] < a.log["memory"]["optimizer_state_mb"]
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(optim="galore"), "method='full'"), (dict(lisa=True), "method='full'"),
+                                    (dict(method="full", optim="sgd"), "optim must be"),
+                                    (dict(method="full", optim="galore_layerwise", grad_accum=2), "grad_accum=1")])
+def test_bad_full_parameter_configs(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        TrainConfig(**kw)

