@@ -153,3 +153,14 @@ def test_galore_state_smaller_than_adamw(tiny_model_dir, text_file, tmp_path):
 def test_bad_full_parameter_configs(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         TrainConfig(**kw)
+
+
+def test_gradient_checkpointing_same_adapter(tiny_model_dir, text_file, tmp_path):
+    train(cfg(tiny_model_dir, text_file, tmp_path / "a", max_steps=2, save_steps=2), adapter={"r": 4})
+    res = train(cfg(tiny_model_dir, text_file, tmp_path / "b", max_steps=2, save_steps=2, gradient_checkpointing=True),
+                adapter={"r": 4})
+    assert res.model.is_gradient_checkpointing
+    a, b = adapter_weights(tmp_path / "a"), adapter_weights(tmp_path / "b")
+    assert any(t.abs().sum() > 0 for k, t in b.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
