@@ -1,0 +1,341 @@
+"""Engine: batched heterogeneous LoRA generation equals one-request-at-a-time lorakit and PEFT;
+continuous batching (joins/leaves) equals static batching; base rows equal the base model."""
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.core.inject import adapted_layers
+from lorakit.errors import AdapterError, ConfigError
+from lorakit.serve import AdapterPool, Engine, Request, ServingLinear
+from tests.conftest import logits_of, tiny_llama
+
+EOS = 2  # tiny Llama's eos (LlamaConfig default): generate() and the engine both stop there
+
+
+def randomize(model, seed, std=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            for p in layer.adapters["default"].parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """r2 / r4 / r8 LoRA (different targets, alphas, rsLoRA, a rank_pattern), a PEFT-written
+    LoRA and a LoLDU adapter (served through to_lora)."""
+    root = tmp_path_factory.mktemp("adapters")
+    specs = {
+        "r2": {"r": 2, "alpha": 4.0, "target": ["q_proj", "v_proj"]},
+        "r4": {"r": 4, "alpha": 4.0, "rslora": True},
+        "r8": {"r": 8, "alpha": 16.0, "rank_pattern": {"o_proj": 3, "gate_proj": 5}},  # pads 3, 5 -> 8
+    }
+    for i, (name, cfg) in enumerate(specs.items()):
+        m = tiny_llama()
+        lorakit.inject(m, lorakit.LoraConfig(**cfg))
+        randomize(m, seed=10 + i)
+        lorakit.save(m, root / name)
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"],
+                                                           init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.mul_(3.0)
+    pm.save_pretrained(root / "peft4")
+    from lorakit.methods.loldu import LoLDUConfig
+
+    m = tiny_llama()
+    lorakit.inject(m, LoLDUConfig(r=4, target=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for layer in adapted_layers(m).values():
+            layer.adapters["default"].scaling_factor.fill_(40.0)  # ΔW ≈ 40 × the rank-4 LDU part of W0
+    lorakit.save(m, root / "ld")
+    return root
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def alone_lorakit(root, req):
+    m = tiny_llama()
+    if req.adapter:
+        lorakit.load(m, root / req.adapter)
+    out = m.generate(torch.tensor([req.prompt]), max_new_tokens=req.max_new_tokens, do_sample=False)
+    return out[0, len(req.prompt):].tolist()
+
+
+def alone_peft(root, req):
+    import peft
+
+    m = tiny_llama()
+    if req.adapter:
+        m = peft.PeftModel.from_pretrained(m, str(root / req.adapter)).eval()
+    out = m.generate(input_ids=torch.tensor([req.prompt]), max_new_tokens=req.max_new_tokens, do_sample=False)
+    return out[0, len(req.prompt):].tolist()
+
+
+def engine(root, **kw):
+    return Engine(tiny_llama(), pool=AdapterPool(root), **kw)
+
+
+MIXED = [None, "r2", "r4", "r8", "peft4", "r2", None, "r8", "ld"]
+
+
+def mixed_requests(n_tokens=(5, 9, 3, 7, 6, 8, 4, 10, 6)):
+    return [Request(p, adapter=a, max_new_tokens=k) for p, a, k in zip(prompts(len(MIXED)), MIXED, n_tokens)]
+
+
+def test_heterogeneous_batch_equals_lorakit_and_peft_alone(adapter_dir):
+    reqs = mixed_requests()
+    results = engine(adapter_dir, max_batch=len(reqs)).generate(reqs)
+    for req, res in zip(reqs, results):
+        assert res.error is None
+        assert res.tokens == alone_lorakit(adapter_dir, req), req.adapter
+        if req.adapter != "ld":  # PEFT cannot read LoLDU
+            assert res.tokens == alone_peft(adapter_dir, req), req.adapter
+
+
+def test_adapters_really_change_the_output(adapter_dir):
+    p = prompts(1, seed=3)[0]
+    reqs = [Request(p, adapter=a, max_new_tokens=8, stop_token_ids=[]) for a in [None, "r2", "r4", "r8", "peft4", "ld"]]
+    outs = [tuple(r.tokens) for r in engine(adapter_dir, max_batch=6).generate(reqs)]
+    assert len(set(outs)) == len(outs)  # every adapter differs from the base and from the others
+
+
+def test_continuous_batching_equals_static_batching(adapter_dir):
+    reqs = mixed_requests()
+    cont = engine(adapter_dir, max_batch=3)
+    stat = engine(adapter_dir, max_batch=3, policy="static")
+    a, b = cont.generate(reqs), stat.generate(reqs)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert cont.stats["steps"] < stat.stats["steps"]  # rows joined while others were running
+
+
+def test_requests_joining_between_steps(adapter_dir):
+    reqs = mixed_requests()
+    eng = engine(adapter_dir, max_batch=4)
+    ids, got = [], {}
+    schedule = {0: [0, 1], 2: [2, 3, 4], 3: [5], 7: [6, 7], 8: [8]}  # step -> requests arriving
+    step = 0
+    while step <= max(schedule) or eng.has_work():
+        for i in schedule.get(step, []):
+            ids.append(eng.add(reqs[i], collect=True))
+        for ev in eng.step():
+            got.setdefault(ev.request_id, []).append(ev)
+        step += 1
+    static = engine(adapter_dir, max_batch=1).generate(reqs)
+    for rid, ref in zip(ids, static):
+        assert eng.pop_result(rid).tokens == ref.tokens
+        evs = got[rid]
+        assert [e.index for e in evs] == list(range(len(evs))) and evs[-1].finished
+        assert [e.token for e in evs] == ref.tokens
+
+
+def test_base_rows_match_the_base_model(adapter_dir):
+    ps = prompts(4, seed=5)
+    reqs = [Request(p, max_new_tokens=6) for p in ps] + [Request(ps[0], adapter="r8", max_new_tokens=6)]
+    results = engine(adapter_dir, max_batch=5).generate(reqs)
+    base = tiny_llama()
+    for req, res in zip(reqs[:4], results[:4]):
+        ref = base.generate(torch.tensor([req.prompt]), max_new_tokens=6, do_sample=False)[0, len(req.prompt):]
+        assert res.tokens == ref.tolist()
+
+
+def test_close_restores_the_model_and_state_dict_is_untouched(adapter_dir, tokens):
+    model = tiny_llama()
+    keys = set(model.state_dict())
+    eng = Engine(model, pool=AdapterPool(adapter_dir), max_batch=2)
+    assert sum(isinstance(m, ServingLinear) for m in model.modules()) == 14  # 7 linears x 2 layers
+    eng.generate([Request([5, 6, 7], adapter="r4", max_new_tokens=3)])
+    # only the wrapper's ".base" appears in the names; the slots are neither parameters nor buffers
+    assert {k.replace(".base.", ".") for k in model.state_dict()} == keys
+    torch.testing.assert_close(logits_of(model, tokens), logits_of(tiny_llama(), tokens), rtol=0, atol=0)
+    eng.close()
+    assert not any(isinstance(m, ServingLinear) for m in model.modules())
+
+
+def test_exact_rank_groups_give_the_same_tokens(adapter_dir):
+    reqs = mixed_requests()
+    pow2 = engine(adapter_dir, max_batch=9)
+    exact = engine(adapter_dir, max_batch=9, rank_groups="exact")
+    assert [r.tokens for r in pow2.generate(reqs)] == [r.tokens for r in exact.generate(reqs)]
+    assert sorted(pow2._groups) == [2, 4, 8] and sorted(exact._groups) == [2, 4, 8]
+
+
+def test_few_slots_are_recycled(adapter_dir):
+    reqs = mixed_requests()
+    eng = engine(adapter_dir, max_batch=1, max_slots=1)
+    results = eng.generate(reqs)
+    ref = engine(adapter_dir, max_batch=9).generate(reqs)
+    assert [r.tokens for r in results] == [r.tokens for r in ref]
+    # groups 2: r2 | 4: r4, peft4, ld | 8: r8 -> r2, r4, r8, peft4 (evicts r4), ld (evicts peft4); r2, r8 reused
+    assert eng.stats["slot_loads"] == 5 and eng.stats["slot_hits"] == 2
+    assert all(g.cap == 1 for g in eng._groups.values())
+
+
+def test_streaming_generator_and_callback(adapter_dir):
+    reqs = mixed_requests()[:4]
+    seen = []
+    results = engine(adapter_dir, max_batch=2).generate(reqs, on_token=seen.append)
+    streamed = {}
+    for ev in engine(adapter_dir, max_batch=2).stream(reqs):
+        streamed.setdefault(ev.request_id, []).append(ev.token)
+    assert sorted(map(tuple, streamed.values())) == sorted(tuple(r.tokens) for r in results)
+    assert len(seen) == sum(len(r.tokens) for r in results)
+    assert sum(ev.finished for ev in seen) == len(reqs)
+
+
+def test_sampling_is_reproducible_per_request(adapter_dir):
+    p = prompts(1, seed=7)[0]
+    sampled = Request(p, adapter="r4", max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=123,
+                      stop_token_ids=[])
+    alone = engine(adapter_dir).generate([sampled])[0].tokens
+    crowd = engine(adapter_dir, max_batch=4).generate(mixed_requests()[:3] + [sampled])[-1].tokens
+    assert alone == crowd
+    other = engine(adapter_dir).generate([Request(p, adapter="r4", max_new_tokens=8, temperature=5.0, seed=1,
+                                                  stop_token_ids=[])])[0].tokens
+    assert other != alone
+    greedy = Request(p, adapter="r4", max_new_tokens=8, stop_token_ids=[])
+    top1 = Request(p, adapter="r4", max_new_tokens=8, temperature=1.0, top_k=1, seed=0, stop_token_ids=[])
+    g, t = engine(adapter_dir, max_batch=2).generate([greedy, top1])
+    assert g.tokens == t.tokens
+
+
+def test_stop_tokens_and_lengths(adapter_dir):
+    p = prompts(1, seed=2)[0]
+    free = engine(adapter_dir).generate([Request(p, max_new_tokens=6, stop_token_ids=[])])[0]
+    assert free.finish_reason == "length" and len(free.tokens) == 6
+    stop_at = free.tokens[2]
+    res = engine(adapter_dir).generate([Request(p, max_new_tokens=6, stop_token_ids=[stop_at])])[0]
+    assert res.finish_reason == "stop" and res.tokens == free.tokens[: free.tokens.index(stop_at) + 1]
+
+
+def test_bad_adapters_fail_only_their_request(adapter_dir, tmp_path):
+    import shutil
+
+    root = tmp_path / "pool"
+    shutil.copytree(adapter_dir, root)
+    weights = root / "r4" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # corrupt
+    eng = Engine(tiny_llama(), pool=AdapterPool(root), max_batch=4)
+    reqs = [Request([5, 6, 7], adapter="r2", max_new_tokens=4), Request([5, 6], adapter="r4", max_new_tokens=4),
+            Request([9, 9], adapter="nope", max_new_tokens=4), Request([8], adapter="r4", max_new_tokens=4),
+            Request([7, 7, 7], max_new_tokens=4)]
+    res = eng.generate(reqs)
+    assert [r.finish_reason for r in res] == ["length", "error", "error", "error", "length"]
+    assert "adapter_model.safetensors" in res[1].error and "truncated or corrupt" in res[1].error
+    assert "unknown adapter 'nope'" in res[2].error
+    assert res[0].tokens == alone_lorakit(adapter_dir, reqs[0])
+    assert eng.pool.stats.adapters == ("r2",)  # nothing half-loaded stays behind
+
+
+def test_adapter_outside_the_served_targets_is_an_error(adapter_dir):
+    eng = engine(adapter_dir, target=["q_proj", "v_proj"])
+    ok, bad = eng.generate([Request([4, 5], adapter="r2", max_new_tokens=3),
+                            Request([4, 5], adapter="r8", max_new_tokens=3)])
+    assert ok.error is None and bad.finish_reason == "error" and "does not serve" in bad.error
+    assert len(engine(adapter_dir, target="adapters")._layers) == 14
+
+
+def test_cancel(adapter_dir):
+    eng = engine(adapter_dir, max_batch=2)
+    a = eng.add(Request([4, 5, 6], adapter="r2", max_new_tokens=20, stop_token_ids=[]), collect=True)
+    b = eng.add(Request([4, 5], max_new_tokens=20, stop_token_ids=[]), collect=True)
+    c = eng.add(Request([4], max_new_tokens=20, stop_token_ids=[]), collect=True)
+    while not eng.pool.peek("r2"):
+        eng.pool.wait_for_load(0.05)
+    eng.step(), eng.step()
+    eng.cancel(a), eng.cancel(c)
+    eng.run_until_idle()
+    ra, rb, rc = eng.pop_result(a), eng.pop_result(b), eng.pop_result(c)
+    assert ra.finish_reason == "cancelled" and 1 <= len(ra.tokens) < 20
+    assert rb.finish_reason == "length" and len(rb.tokens) == 20
+    assert rc.finish_reason == "cancelled"
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "a/b", "", "a.b"])
+def test_bad_adapter_names_are_rejected(bad):
+    with pytest.raises(ConfigError, match="invalid adapter name"):
+        Request([1, 2], adapter=bad)
+
+
+def test_request_and_engine_validation(adapter_dir):
+    for kw, msg in [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
+                    ({"top_k": -2}, "top_k"), ({"top_p": 0}, "top_p")]:
+        with pytest.raises(ConfigError, match=msg):
+            Request([1], **kw)
+    eng = engine(adapter_dir)
+    with pytest.raises(ConfigError, match="empty"):
+        eng.add(Request([]))
+    with pytest.raises(ConfigError, match="token ids"):
+        eng.add(Request([1, 999]))
+    with pytest.raises(ConfigError, match="tokenizer"):
+        eng.add(Request("hello"))
+    with pytest.raises(ConfigError, match="context"):
+        eng.add(Request([1] * 60, max_new_tokens=10))
+    with pytest.raises(AdapterError, match="no adapter pool"):
+        Engine(tiny_llama()).add(Request([1], adapter="r2"))
+    for kw, msg in [({"max_batch": 0}, "max_batch"), ({"policy": "x"}, "policy"),
+                    ({"rank_groups": "x"}, "rank_groups"), ({"max_batch": 4, "max_slots": 2}, "max_slots")]:
+        with pytest.raises(ConfigError, match=msg):
+            Engine(tiny_llama(), **kw)
+    m = tiny_llama()
+    lorakit.inject(m, lorakit.LoraConfig(r=2))
+    with pytest.raises(ConfigError, match="already carries lorakit adapters"):
+        Engine(m)
+    with pytest.raises(ConfigError, match="not a linear layer"):
+        Engine(tiny_llama(), target="embed_tokens")
+
+
+def test_one_invalid_request_queues_nothing(adapter_dir):
+    eng = engine(adapter_dir)
+    with pytest.raises(ConfigError, match="empty"):
+        eng.generate([Request([1, 2], max_new_tokens=2), Request([])])
+    assert not eng.has_work()
+
+
+def test_closing_a_stream_early_cancels_its_requests(adapter_dir):
+    eng = engine(adapter_dir, max_batch=2)
+    reqs = [Request([4, 5], adapter="r2", max_new_tokens=30, stop_token_ids=[]),
+            Request([6], max_new_tokens=30, stop_token_ids=[])]
+    stream = eng.stream(reqs)
+    first = next(stream)
+    assert first.index == 0 and not first.finished
+    stream.close()
+    eng.run_until_idle()
+    assert eng.stats["decode_tokens"] < 10 and eng.stats["requests_finished"] == 2
+
+
+def test_duplicate_request_ids_are_refused(adapter_dir):
+    eng = engine(adapter_dir)
+    eng.add(Request([1, 2], max_new_tokens=2, request_id="x"))
+    with pytest.raises(ConfigError, match="already queued"):
+        eng.add(Request([3], max_new_tokens=2, request_id="x"))
+    eng.run_until_idle()
+    eng.add(Request([3], max_new_tokens=2, request_id="x"))  # finished ids can be reused
+    with pytest.raises(ConfigError, match="distinct"):
+        eng.generate([Request([1], request_id="y"), Request([2], request_id="y")])
+
+
+def test_gpt2_conv1d_layers(tmp_path):
+    from tests.conftest import tiny_gpt2
+
+    m = tiny_gpt2()
+    lorakit.inject(m, lorakit.LoraConfig(r=4, alpha=8.0))
+    randomize(m, seed=3)
+    lorakit.save(m, tmp_path / "g")
+    reqs = [Request([5, 6, 7, 8], adapter="g", max_new_tokens=6, stop_token_ids=[]),
+            Request([9, 3], max_new_tokens=4, stop_token_ids=[])]
+    res = Engine(tiny_gpt2(), pool=AdapterPool(tmp_path), max_batch=2).generate(reqs)
+    for req, r in zip(reqs, res):
+        ref = tiny_gpt2()
+        if req.adapter:
+            lorakit.load(ref, tmp_path / req.adapter)
+        out = ref.generate(torch.tensor([req.prompt]), max_new_tokens=req.max_new_tokens, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+        assert r.tokens == out[0, len(req.prompt):].tolist()
