@@ -307,6 +307,26 @@ def plot_loss(history: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _attach(cfg: TrainConfig, model: nn.Module, acfg: AdapterConfig | None, dataset, adapter_name: str) -> list:
+    """Make the model trainable as the run asks; returns the method's TrainerCallbacks."""
+    if acfg is None:  # method="full"
+        model.requires_grad_(True)
+        if not cfg.lisa:
+            return []
+        from lorakit.optim import LisaCallback
+
+        return [LisaCallback(model, n_layers=cfg.lisa_layers, interval=cfg.lisa_interval, seed=cfg.seed)]
+    lorakit.inject(model, acfg, name=adapter_name)
+    adapter_cls = get_method(acfg.method).adapter_cls
+    data_init = getattr(adapter_cls, "data_init", None)
+    if data_init is not None:  # data-aware initialisations (PiSSA-style SVD, LoRA-GA, EVA, ...)
+        data_init(model, adapter_name, acfg, lambda n: first_batches(dataset, cfg.batch_size, n))
+    # methods with training-time behaviour (rank sampling, proximal steps, rank schedules)
+    # provide TrainerCallbacks through the optional classmethod `trainer_callbacks`
+    hooks = getattr(adapter_cls, "trainer_callbacks", None)
+    return list(hooks(model, adapter_name, acfg)) if hooks else []
+
+
 def _optimizers(cfg: TrainConfig, model: nn.Module) -> tuple:
     """(optimizer, scheduler) for Trainer: (None, None) = Trainer's AdamW; GaLore otherwise."""
     if cfg.optim == "adamw":
@@ -388,24 +408,7 @@ def train(
     else:
         dataset, _ = classification_dataset(cfg, tokenizer)
     set_seed(cfg.seed)  # adapter init independent of how much data loading consumed the RNG
-    method_callbacks: list = []
-    if full:
-        model.requires_grad_(True)
-        if cfg.lisa:
-            from lorakit.optim import LisaCallback
-
-            method_callbacks.append(LisaCallback(model, n_layers=cfg.lisa_layers, interval=cfg.lisa_interval,
-                                                 seed=cfg.seed))
-    else:
-        lorakit.inject(model, acfg, name=adapter_name)
-        adapter_cls = get_method(acfg.method).adapter_cls
-        data_init = getattr(adapter_cls, "data_init", None)
-        if data_init is not None:  # data-aware initialisations (PiSSA-style SVD, LoRA-GA, EVA, ...)
-            data_init(model, adapter_name, acfg, lambda n: first_batches(dataset, cfg.batch_size, n))
-        # methods with training-time behaviour (rank sampling, proximal steps, rank schedules)
-        # provide TrainerCallbacks through the optional classmethod `trainer_callbacks`
-        hooks = getattr(adapter_cls, "trainer_callbacks", None)
-        method_callbacks = list(hooks(model, adapter_name, acfg)) if hooks else []
+    method_callbacks = _attach(cfg, model, acfg, dataset, adapter_name)
     optimizers = _optimizers(cfg, model)
     trainable, total = lorakit.trainable_parameters(model)
     if cfg.compile:
