@@ -26,7 +26,7 @@ def adapted(tiny_model_dir, adapter):
     return lorakit.load(m, adapter)
 
 
-@pytest.mark.parametrize("verb", ["train", "eval", "export", "info", "generate", "methods", "merge"])
+@pytest.mark.parametrize("verb", ["train", "eval", "export", "info", "generate", "methods", "merge", "serve"])
 def test_every_verb_has_help_with_examples(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])
@@ -126,3 +126,13 @@ def test_train_full_parameter_galore_from_cli(tiny_model_dir, text_file, tmp_pat
                "--optim", "galore", "--galore-rank", "4"])
     assert rc == 0 and "model saved to" in capsys.readouterr().out
     assert (tmp_path / "g" / "model" / "model.safetensors").exists()
+
+
+def test_serve_verb_calls_server(monkeypatch, tmp_path):
+    import lorakit.serve.server as server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda model, adapters, host, port, **kw: seen.update(
+        model=model, adapters=adapters, host=host, port=port, **kw))
+    assert main(["serve", "--model", "m", "--adapters", str(tmp_path), "--port", "9123", "--max-batch", "4"]) == 0
+    assert seen["model"] == "m" and seen["port"] == 9123 and seen["max_batch"] == 4 and seen["host"] == "127.0.0.1"

@@ -1,4 +1,4 @@
-"""`lorakit <verb>`: train, eval, export, merge, info, generate, methods.
+"""`lorakit <verb>`: train, eval, export, merge, serve, info, generate, methods.
 
 Flags of `train` are generated from `TrainConfig` and from the chosen method's config
 dataclass, so every field is settable from the command line or a YAML/JSON file.
@@ -44,6 +44,13 @@ EPILOGS = {
   lorakit generate --prompt "Pachiyambi Mulungu" --adapter runs/lorakit/adapter
   lorakit generate --model smollm2-135m --prompt "In the beginning" --max-new-tokens 30""",
     "methods": "examples:\n  lorakit methods",
+    "serve": """examples:
+  lorakit serve --model smollm2-135m --adapters runs/adapters          # each subdirectory is an adapter
+  lorakit serve --adapters runs/adapters --port 8000 --api-key secret --max-batch 16
+then, with any OpenAI client:
+  curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "chichewa", "prompt": "Ndipo masiku", "max_tokens": 20, "temperature": 0}'
+  openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret").chat.completions.create(model="chichewa", ...)""",
     "merge": """examples:
   lorakit merge recipe.yaml
 recipe.yaml (mergekit style):
@@ -115,6 +122,15 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
 
     verb("methods", "List the registered adapter methods.")
 
+    sv = verb("serve", "Serve a base model and a directory of adapters over the OpenAI HTTP API.")
+    sv.add_argument("--model", default="smollm2-135m", help="base model alias or local HF dir")
+    sv.add_argument("--adapters", default=None, help="directory whose subdirectories are adapters (name = dir name)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LORAKIT_API_KEY)")
+    sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together (continuous batching)")
+    sv.add_argument("--budget-mb", type=float, default=1024, help="adapter memory pool budget (LRU beyond it)")
+
     mg = verb("merge", "Merge several adapters (any mix of methods and ranks) by a YAML recipe.")
     mg.add_argument("recipe", help="YAML/JSON merge recipe")
     return p
@@ -141,7 +157,7 @@ def _method_from_argv(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] in ("train", "eval"):
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] in ("train", "eval", "serve"):
         from lorakit.allocator import reexec_with_tcmalloc
 
         reexec_with_tcmalloc()  # long CPU jobs: a non-fragmenting allocator (see allocator.py)
@@ -149,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser(_method_from_argv(argv)).parse_args(argv)
         return {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "info": cmd_info,
-                "generate": cmd_generate, "methods": cmd_methods, "merge": cmd_merge}[args.verb](args)
+                "generate": cmd_generate, "methods": cmd_methods, "merge": cmd_merge,
+                "serve": cmd_serve}[args.verb](args)
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
@@ -309,6 +326,12 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 40, temperature: flo
     with torch.inference_mode():
         out = model.generate(**enc, **kw)
     return tok.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def cmd_serve(args) -> int:
+    from lorakit.serve.server import main_serve
+
+    return main_serve(args.model, args.adapters, args.host, args.port, args.api_key, args.max_batch, args.budget_mb)
 
 
 def cmd_merge(args) -> int:
