@@ -164,3 +164,22 @@ def test_gradient_checkpointing_same_adapter(tiny_model_dir, text_file, tmp_path
     assert any(t.abs().sum() > 0 for k, t in b.items() if "lora_B" in k)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_resume_data_aware_method_reuses_checkpoint_config(tiny_model_dir, text_file, tmp_path):
+    """EVA picks per-module ranks from data; a resumed run must rebuild exactly those."""
+    import shutil
+
+    kw = dict(method="eva", max_steps=4, save_steps=2)
+    train(cfg(tiny_model_dir, text_file, tmp_path / "ref", **kw))
+    train(cfg(tiny_model_dir, text_file, tmp_path / "cut", **kw))
+    shutil.rmtree(tmp_path / "cut" / "adapter")  # as if killed after checkpoint-2
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-4")
+    res = train(cfg(tiny_model_dir, text_file, tmp_path / "cut", resume=True, **kw))
+    assert res.log["resumed_from"].endswith("checkpoint-2")
+    a, b = adapter_weights(tmp_path / "ref"), adapter_weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(ConfigError, match="holds a 'eva' adapter"):
+        train(cfg(tiny_model_dir, text_file, tmp_path / "cut", resume=True, method="lora", max_steps=4, save_steps=2))

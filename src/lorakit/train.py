@@ -307,7 +307,8 @@ def plot_loss(history: list[dict], path: Path) -> Path | None:
     return path
 
 
-def _attach(cfg: TrainConfig, model: nn.Module, acfg: AdapterConfig | None, dataset, adapter_name: str) -> list:
+def _attach(cfg: TrainConfig, model: nn.Module, acfg: AdapterConfig | None, dataset, adapter_name: str,
+            data_init: bool = True) -> list:
     """Make the model trainable as the run asks; returns the method's TrainerCallbacks."""
     if acfg is None:  # method="full"
         model.requires_grad_(True)
@@ -318,9 +319,9 @@ def _attach(cfg: TrainConfig, model: nn.Module, acfg: AdapterConfig | None, data
         return [LisaCallback(model, n_layers=cfg.lisa_layers, interval=cfg.lisa_interval, seed=cfg.seed)]
     lorakit.inject(model, acfg, name=adapter_name)
     adapter_cls = get_method(acfg.method).adapter_cls
-    data_init = getattr(adapter_cls, "data_init", None)
-    if data_init is not None:  # data-aware initialisations (PiSSA-style SVD, LoRA-GA, EVA, ...)
-        data_init(model, adapter_name, acfg, lambda n: first_batches(dataset, cfg.batch_size, n))
+    init_hook = getattr(adapter_cls, "data_init", None)
+    if init_hook is not None and data_init:  # data-aware initialisations (LoRA-GA, EVA, ...)
+        init_hook(model, adapter_name, acfg, lambda n: first_batches(dataset, cfg.batch_size, n))
     # methods with training-time behaviour (rank sampling, proximal steps, rank schedules)
     # provide TrainerCallbacks through the optional classmethod `trainer_callbacks`
     hooks = getattr(adapter_cls, "trainer_callbacks", None)
@@ -407,16 +408,24 @@ def train(
         dataset = causal_lm_dataset(cfg, tokenizer)
     else:
         dataset, _ = classification_dataset(cfg, tokenizer)
+    resume = _last_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume is None and out.exists() and any(out.glob("checkpoint-*")):
+        raise ConfigError(f"no complete checkpoint to resume from in {out}")
+    if resume and acfg is not None:
+        # the checkpoint's own config (e.g. EVA's data-chosen per-module ranks); its weights
+        # replace any data-aware initialisation, so that is skipped
+        from lorakit.core.io import read_config
+
+        acfg = read_config(Path(resume) / "adapter")[0]
+        if acfg.method != cfg.method:
+            raise ConfigError(f"checkpoint {resume} holds a {acfg.method!r} adapter, not {cfg.method!r}")
     set_seed(cfg.seed)  # adapter init independent of how much data loading consumed the RNG
-    method_callbacks = _attach(cfg, model, acfg, dataset, adapter_name)
+    method_callbacks = _attach(cfg, model, acfg, dataset, adapter_name, data_init=resume is None)
     optimizers = _optimizers(cfg, model)
     trainable, total = lorakit.trainable_parameters(model)
     if cfg.compile:
         compile_decoder(model)
 
-    resume = _last_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume is None and out.exists() and any(out.glob("checkpoint-*")):
-        raise ConfigError(f"no complete checkpoint to resume from in {out}")
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=cfg.batch_size,
