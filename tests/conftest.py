@@ -50,6 +50,23 @@ def tokens():
     return torch.randint(1, 128, (3, 9), generator=g)
 
 
+def adapters(model, name="default"):
+    """Module path -> adapter `name` of that layer."""
+    from lorakit.core.inject import adapter_modules
+
+    return adapter_modules(model, name)
+
+
+def perturb(model, name="default", seed=0, scale=0.05):
+    """Add N(0, scale) noise to every parameter of adapter `name` so its effect is visible
+    (zero-initialised factors would otherwise hide it)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in adapters(model, name).values():
+            for p in a.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
 def logits_of(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.core.inject import adapted_layers
 from lorakit.core.registry import list_methods
-from tests.conftest import TINY_MODELS, logits_of
+from tests.conftest import TINY_MODELS, logits_of, perturb
 
 METHODS = [m.name for m in list_methods()]
 CASES = [(m, k) for m in METHODS for k in sorted(TINY_MODELS)]
@@ -21,16 +20,6 @@ def make_config(method: str, **over):
     kw = dict(getattr(spec.adapter_cls, "test_config", {}))
     kw.update(over)
     return spec.config_cls(**kw)
-
-
-def perturb(model, name="default", seed=0, scale=0.05):
-    """Give adapter `name` non-zero random weights so its effect is visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted_layers(model).values():
-            if name in layer.adapters:
-                for p in layer.adapters[name].parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def build(method, kind, seed=0, name="default", **over):

@@ -7,22 +7,10 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.core.inject import adapted_layers
 from lorakit.errors import ConfigError
 from lorakit.init.pissa import PissaConfig, pissa_factors
-from tests.conftest import logits_of, tiny_gpt2, tiny_llama
+from tests.conftest import adapters, logits_of, perturb, tiny_gpt2, tiny_llama
 
-
-def adapters(model, name="default"):
-    return {p: layer.adapters[name] for p, layer in adapted_layers(model).items() if name in layer.adapters}
-
-
-def perturb(model, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for a in adapters(model).values():
-            for p in a.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.mark.parametrize("alpha", [None, 2.0])

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.core.inject import adapted_layers
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.methods.dylora import (
     Dylora,
@@ -22,19 +21,10 @@ from lorakit.methods.dylora import (
     set_rank,
     set_train_rank,
 )
-from tests.conftest import logits_of, tiny_llama
+from tests.conftest import logits_of, perturb, tiny_llama
 
 # (d_in + d_out) summed over the 7 linear layers of one tiny Llama block (hidden 32, kv 16, mlp 64)
 LLAMA_IO_PER_LAYER = (32 + 32) + (32 + 16) + (32 + 16) + (32 + 32) + 3 * (32 + 64)
-
-
-def perturb(model, name="default", seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted_layers(model).values():
-            if name in layer.adapters:
-                for p in layer.adapters[name].parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.mark.parametrize(

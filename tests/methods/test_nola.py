@@ -7,12 +7,11 @@ import torch
 from safetensors import safe_open
 
 import lorakit
-from lorakit.core.inject import adapted_layers
 from lorakit.core.io import WEIGHTS_NAME
 from lorakit.errors import ConfigError
 from lorakit.methods import nola
 from lorakit.methods.nola import CHUNK, Nola, NolaConfig, basis_chunk, derive_seed, kaiming_offset
-from tests.conftest import logits_of, tiny_llama
+from tests.conftest import adapters, logits_of, perturb, tiny_llama
 
 
 def llama(hidden: int, seed: int = 0):
@@ -23,17 +22,6 @@ def llama(hidden: int, seed: int = 0):
                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
 
-
-def adapters(model, name="default"):
-    return {p: layer.adapters[name] for p, layer in adapted_layers(model).items() if name in layer.adapters}
-
-
-def perturb(model, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for a in adapters(model).values():
-            for p in a.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 # -- METHODS.md check: stored params independent of rank and width ----------------------------

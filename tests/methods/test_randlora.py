@@ -7,7 +7,6 @@ import torch
 from safetensors import safe_open
 
 import lorakit
-from lorakit.core.inject import adapted_layers
 from lorakit.core.io import WEIGHTS_NAME
 from lorakit.errors import ConfigError
 from lorakit.methods.randlora import (
@@ -18,21 +17,10 @@ from lorakit.methods.randlora import (
     num_bases,
     param_count,
 )
-from tests.conftest import logits_of, tiny_gpt2, tiny_llama
+from tests.conftest import adapters, logits_of, perturb, tiny_gpt2, tiny_llama
 
 CFG = RandLora.test_config  # r = 8 on the tiny models (hidden 32, intermediate 64)
 
-
-def adapters(model, name="default"):
-    return {p: layer.adapters[name] for p, layer in adapted_layers(model).items() if name in layer.adapters}
-
-
-def perturb(model, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for a in adapters(model).values():
-            for p in a.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def injected(**over):

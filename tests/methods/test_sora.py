@@ -11,22 +11,13 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.core.inject import adapted_layers, state
+from lorakit.core.inject import state
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.methods.sora import Sora, SoraConfig, active_ranks, prune, sora_modules, sora_proximal_step
-from tests.conftest import logits_of, tiny_gpt2, tiny_llama
+from tests.conftest import logits_of, perturb, tiny_gpt2, tiny_llama
 
 LLAMA_IO_PER_LAYER = (32 + 32) + (32 + 16) + (32 + 16) + (32 + 32) + 3 * (32 + 64)  # Σ d_in + d_out
 LLAMA_TARGETS = 2 * 7
-
-
-def perturb(model, name="default", seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted_layers(model).values():
-            if name in layer.adapters:
-                for p in layer.adapters[name].parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.mark.parametrize(

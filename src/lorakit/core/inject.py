@@ -50,6 +50,26 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
 
 
+def adapter_modules(model: nn.Module, name: str = "default", cls: type | None = None,
+                    label: str | None = None) -> dict[str, nn.Module]:
+    """Module path -> adapter `name` on that layer (only instances of `cls` when given).
+
+    With `cls`, a model without such an adapter is an error naming the method (`label`).
+    """
+    mods = {p: layer.adapters[name] for p, layer in adapted_layers(model).items()
+            if name in layer.adapters and (cls is None or isinstance(layer.adapters[name], cls))}
+    if cls is not None and not mods:
+        raise AdapterError(f"model has no {label or getattr(cls, 'method', cls.__name__)} adapter named {name!r}")
+    return mods
+
+
+def check_not_merged(model: nn.Module, name: str) -> None:
+    """Raise if adapter `name` is folded into base weights (its shape/rank must not change then)."""
+    merged = [p for p, layer in adapted_layers(model).items() if name in layer.merged]
+    if merged:
+        raise AdapterError(f"adapter {name!r} is merged into {merged[0]} (and {len(merged) - 1} more); unmerge first")
+
+
 # -- target matching -------------------------------------------------------------------
 def _output_head_names(model: nn.Module) -> set[str]:
     names = set()

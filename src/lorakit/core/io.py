@@ -30,6 +30,7 @@ from lorakit.core.adapter import AdapterConfig
 from lorakit.core.inject import (
     InjectionPlan,
     adapted_layers,
+    adapter_modules,
     apply_plan,
     modules_to_save_paths,
     plan_injection,
@@ -89,7 +90,7 @@ def build_config_json(model: nn.Module, name: str, base_model: str | None = None
     from lorakit.models import config_hash, model_id
 
     cfg = state(model).configs[name]
-    paths = [p for p, layer in adapted_layers(model).items() if name in layer.adapters]
+    paths = list(adapter_modules(model, name))
     meta = {
         "format_version": FORMAT_VERSION,
         "method": cfg.method,
@@ -289,7 +290,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, name: str = "default
     st = state(model)
     if name not in st.configs:
         raise AdapterError(f"unknown adapter {name!r}; this model has {sorted(st.configs) or 'no adapters'}")
-    existing = {p: layer.adapters[name] for p, layer in adapted_layers(model).items() if name in layer.adapters}
+    existing = adapter_modules(model, name)
     plan = InjectionPlan(name, st.configs[name], existing)
     saved = _assign_tensors(model, plan, read_tensors(path), Path(path) / WEIGHTS_NAME)
     with torch.no_grad():

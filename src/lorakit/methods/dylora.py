@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.adapter import AdapterConfig, LayerSpec, check_positive_int, check_range
-from lorakit.core.inject import adapted_layers, state
+from lorakit.core.inject import adapter_modules, check_not_merged, state
 from lorakit.core.registry import register_method
-from lorakit.errors import AdapterError, ConfigError
+from lorakit.errors import ConfigError
 
 MODES = ("full", "frozen")
 
@@ -142,11 +142,7 @@ class Dylora(nn.Module):
 # -- model-level helpers ------------------------------------------------------------------
 def dylora_modules(model: nn.Module, name: str = "default") -> dict[str, Dylora]:
     """Module path -> DyLoRA adapter `name`; errors if the model has no such DyLoRA adapter."""
-    mods = {p: layer.adapters[name] for p, layer in adapted_layers(model).items()
-            if name in layer.adapters and isinstance(layer.adapters[name], Dylora)}
-    if not mods:
-        raise AdapterError(f"model has no DyLoRA adapter named {name!r}")
-    return mods
+    return adapter_modules(model, name, Dylora, "DyLoRA")
 
 
 def set_rank(model: nn.Module, rank: int, name: str = "default") -> None:
@@ -159,9 +155,7 @@ def set_rank(model: nn.Module, rank: int, name: str = "default") -> None:
     r = next(iter(mods.values())).r
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r:
         raise ConfigError(f"rank must be an integer between 1 and r={r}, got {rank!r}")
-    merged = [p for p, layer in adapted_layers(model).items() if name in layer.merged]
-    if merged:
-        raise AdapterError(f"adapter {name!r} is merged into {merged[0]} (and {len(merged) - 1} more); unmerge first")
+    check_not_merged(model, name)
     for m in mods.values():
         m.eval_rank = rank
     st = state(model)

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.adapter import AdapterConfig, LayerSpec, check_positive_int, check_range
-from lorakit.core.inject import adapted_layers, state
+from lorakit.core.inject import adapter_modules, check_not_merged, state
 from lorakit.core.registry import register_method
-from lorakit.errors import AdapterError, ConfigError
+from lorakit.errors import ConfigError
 
 GATE_INITS = ("normal", "ones")
 
@@ -181,11 +181,7 @@ class Sora(nn.Module):
 # -- model-level helpers ------------------------------------------------------------------
 def sora_modules(model: nn.Module, name: str = "default") -> dict[str, Sora]:
     """Module path -> SoRA adapter `name`; errors if the model has no such SoRA adapter."""
-    mods = {p: layer.adapters[name] for p, layer in adapted_layers(model).items()
-            if name in layer.adapters and isinstance(layer.adapters[name], Sora)}
-    if not mods:
-        raise AdapterError(f"model has no SoRA adapter named {name!r}")
-    return mods
+    return adapter_modules(model, name, Sora, "SoRA")
 
 
 def sora_proximal_step(model: nn.Module, lr: float, name: str = "default") -> int:
@@ -220,9 +216,7 @@ def prune(model: nn.Module, name: str = "default") -> dict[str, int]:
     Call it after training: the optimizer would still hold the old, larger parameters.
     """
     mods = sora_modules(model, name)
-    merged = [p for p, layer in adapted_layers(model).items() if name in layer.merged]
-    if merged:
-        raise AdapterError(f"adapter {name!r} is merged into {merged[0]} (and {len(merged) - 1} more); unmerge first")
+    check_not_merged(model, name)
     new = {p: m.prune_() for p, m in mods.items()}
     st = state(model)
     cfg = st.configs[name]
