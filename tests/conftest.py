@@ -67,6 +67,22 @@ def perturb(model, name="default", seed=0, scale=0.05):
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def regression_losses(model, ids, lr, steps=8, seed=0):
+    """Fit the model's logits to a fixed random target with Adam on its trainable params;
+    returns the loss per step (a quick 'does this adapter train' check)."""
+    target = torch.randn(*ids.shape, model.config.vocab_size, generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (model(input_ids=ids).logits - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def logits_of(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits

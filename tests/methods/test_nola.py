@@ -11,7 +11,7 @@ from lorakit.core.io import WEIGHTS_NAME
 from lorakit.errors import ConfigError
 from lorakit.methods import nola
 from lorakit.methods.nola import CHUNK, Nola, NolaConfig, basis_chunk, derive_seed, kaiming_offset
-from tests.conftest import adapters, logits_of, perturb, tiny_llama
+from tests.conftest import adapters, logits_of, perturb, regression_losses, tiny_llama
 
 
 def llama(hidden: int, seed: int = 0):
@@ -187,16 +187,7 @@ def test_delta_equals_dense_update():
 def test_short_training_lowers_loss(tokens):
     m = tiny_llama()
     lorakit.inject(m, NolaConfig(**Nola.test_config))
-    target = torch.randn(3, 9, 128, generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=5e-2)
-    m.train()
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        loss = (m(input_ids=tokens).logits - target).pow(2).mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = regression_losses(m, tokens, lr=5e-2)
     assert losses[-1] < losses[0]
 
 

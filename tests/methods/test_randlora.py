@@ -17,7 +17,7 @@ from lorakit.methods.randlora import (
     num_bases,
     param_count,
 )
-from tests.conftest import adapters, logits_of, perturb, tiny_gpt2, tiny_llama
+from tests.conftest import adapters, logits_of, perturb, regression_losses, tiny_gpt2, tiny_llama
 
 CFG = RandLora.test_config  # r = 8 on the tiny models (hidden 32, intermediate 64)
 
@@ -220,16 +220,7 @@ def test_gpt2_conv1d_and_dtype_move(tokens):
 def test_short_training_lowers_loss(tokens):
     m = tiny_llama()
     lorakit.inject(m, RandLoraConfig(**CFG))
-    target = torch.randn(3, 9, 128, generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    m.train()
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        loss = (m(input_ids=tokens).logits - target).pow(2).mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = regression_losses(m, tokens, lr=1e-2)
     assert losses[-1] < losses[0]
 
 
