@@ -270,7 +270,12 @@ def eject(model: nn.Module, keep_merged: bool = False) -> nn.Module:
 def merge(model: nn.Module, names=None) -> nn.Module:
     """Fold the given (default: active) adapters into the base weights. Idempotent."""
     names = state(model).active if names is None else _check_known(model, names)
-    for layer in adapted_layers(model).values():
+    layers = list(adapted_layers(model).values())
+    quantized = [layer for layer in layers if getattr(layer.base, "lorakit_quantized", False)
+                 and any(n in layer.adapters for n in names)]
+    if quantized:  # checked up front: never leave the model half merged
+        quantized[0].merge(names)  # raises the explanatory AdapterError
+    for layer in layers:
         layer.merge(names)
     return model
 

@@ -78,6 +78,9 @@ class AdaptedLayer(nn.Module):
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
         """Add ΔW of each named adapter into the base weight (idempotent per adapter)."""
+        if getattr(self.base, "lorakit_quantized", False):
+            raise AdapterError("the base layer is quantized: merging needs re-quantization; "
+                               "use lorakit.quant.merge_lora_into_quantized (it reports the error)")
         for name in names:
             if name in self.adapters and name not in self.merged:
                 w = self.weight_view()
@@ -131,7 +134,7 @@ class AdaptedEmbedding(AdaptedLayer):
 
 def wrapper_for(module: nn.Module) -> type[AdaptedLayer] | None:
     """The wrapper class for a base module, or None if it cannot be adapted."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or getattr(module, "lorakit_linear", False):  # e.g. quant.QuantLinear
         return AdaptedLinear
     if Conv1D and isinstance(module, Conv1D):
         return AdaptedConv1D
