@@ -41,18 +41,17 @@ Ray is its only backend: each ClientApp runs in a Ray actor process).
 Real processes on 127.0.0.1 (moving to many machines = changing the addresses), with the
 example app in examples/flower_app/ (its pyproject.toml names the ServerApp / ClientApp):
 
-    flower-superlink --insecure                       # Fleet API :9092, ServerAppIo :9091, Control :9093
-    flower-supernode --insecure --superlink 127.0.0.1:9092 \\
-        --clientappio-api-address 127.0.0.1:9094 --node-config "partition-id=0 num-partitions=2"
-    flower-supernode --insecure --superlink 127.0.0.1:9092 \\
-        --clientappio-api-address 127.0.0.1:9095 --node-config "partition-id=1 num-partitions=2"
-    flwr run examples/flower_app local-deployment --stream   # federation address 127.0.0.1:9093
+    # flwr 1.42: every SuperLink API is HTTP on one --host/--port
+    flower-superlink --insecure --isolation subprocess --host 127.0.0.1 --port 9093 \\
+        --disable-runtime-dependency-installation
+    flower-supernode --insecure --superlink 127.0.0.1:9093 --port 9094 \\
+        --node-config "partition-id=0 num-partitions=2"
+    flower-supernode --insecure --superlink 127.0.0.1:9093 --port 9095 \\
+        --node-config "partition-id=1 num-partitions=2"
+    flwr run examples/flower_app local-deployment --stream   # connection in $FLWR_HOME/config.toml
 
-(`examples/flower_app/run_local.sh` does exactly this.) Nothing here opens sockets itself.
-NOT YET VERIFIED on flwr 1.42: its SuperLink serves the Control and Fleet APIs over HTTP on
-127.0.0.1:8000 by default and flower-supernode replaced --clientappio-api-address with
---host/--port, so the addresses/flags above (flwr <= 1.2x style) need adjusting; the
-ServerApp/ClientApp objects themselves are unchanged by this.
+`examples/flower_app/run_local.sh` does exactly this (verified: 2 SuperNodes, 2 FLoRA rounds,
+both updates accepted each round). Nothing here opens sockets itself.
 """
 
 from __future__ import annotations

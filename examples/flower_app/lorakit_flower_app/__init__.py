@@ -1,0 +1,1 @@
+"""Example Flower App for lorakit federated LoRA (tiny Llama, synthetic token data)."""
