@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from tests.conftest import tiny_llama
 
 import lorakit
 import lorakit.core.inject

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import logits_of, tiny_llama
+from tests.conftest import logits_of, tiny_llama
 from torch import nn
 
 import lorakit
