@@ -26,7 +26,7 @@ def adapted(tiny_model_dir, adapter):
     return lorakit.load(m, adapter)
 
 
-@pytest.mark.parametrize("verb", ["train", "eval", "export", "info", "generate", "methods", "merge", "serve"])
+@pytest.mark.parametrize("verb", ["train", "eval", "export", "info", "generate", "methods", "merge", "serve", "vocab"])
 def test_every_verb_has_help_with_examples(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])
@@ -136,3 +136,24 @@ def test_serve_verb_calls_server(monkeypatch, tmp_path):
         model=model, adapters=adapters, host=host, port=port, **kw))
     assert main(["serve", "--model", "m", "--adapters", str(tmp_path), "--port", "9123", "--max-batch", "4"]) == 0
     assert seen["model"] == "m" and seen["port"] == 9123 and seen["max_batch"] == 4 and seen["host"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("action", ["expand", "reduce"])
+def test_vocab_verb(action, tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / action
+    data = text_file
+    if action == "reduce":  # a corpus that uses only part of the vocabulary
+        data = tmp_path / "small.txt"
+        data.write_text("Moni, muli bwanji? Ndili bwino, zikomo kwambiri.")
+    args = ["vocab", action, "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)]
+    assert main(args + (["--k", "20"] if action == "expand" else [])) == 0
+    msg = capsys.readouterr().out
+    assert "fertility" in msg and str(out) in msg
+    from transformers import AutoTokenizer
+
+    old, new = AutoTokenizer.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.get_input_embeddings().num_embeddings >= len(new)
+    assert (len(new) > len(old)) if action == "expand" else (len(new) < len(old))
+    text = "Moni, muli bwanji? Ndili bwino, zikomo kwambiri."
+    assert new.decode(new(text)["input_ids"]) == text

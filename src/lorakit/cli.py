@@ -1,4 +1,4 @@
-"""`lorakit <verb>`: train, eval, export, merge, serve, info, generate, methods.
+"""`lorakit <verb>`: train, eval, export, merge, serve, vocab, info, generate, methods.
 
 Flags of `train` are generated from `TrainConfig` and from the chosen method's config
 dataclass, so every field is settable from the command line or a YAML/JSON file.
@@ -51,6 +51,13 @@ then, with any OpenAI client:
   curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "chichewa", "prompt": "Ndipo masiku", "max_tokens": 20, "temperature": 0}'
   openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret").chat.completions.create(model="chichewa", ...)""",
+    "vocab": """examples:
+  lorakit vocab expand --model smollm2-135m --data chichewa --k 1000 --init merge --out models/smollm2-ny
+  lorakit vocab reduce --model smollm2-135m --data chichewa --out models/smollm2-ny-small
+  lorakit train --model models/smollm2-ny --data chichewa         # then train LoRA on the extended model
+(expand: new target-language tokens from continued BPE merges, new embedding rows initialised by
+ merge|mean|random; reduce: keep only the tokens the data uses. The output is a normal
+ transformers model directory.)""",
     "merge": """examples:
   lorakit merge recipe.yaml
 recipe.yaml (mergekit style):
@@ -131,6 +138,15 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together (continuous batching)")
     sv.add_argument("--budget-mb", type=float, default=1024, help="adapter memory pool budget (LRU beyond it)")
 
+    vc = verb("vocab", "Extend a model's vocabulary for a new language, or reduce it to what a corpus uses.")
+    vc.add_argument("action", choices=["expand", "reduce"])
+    vc.add_argument("--model", default="smollm2-135m", help="alias or local HF dir")
+    vc.add_argument("--data", default="chichewa", help="built-in corpus (chichewa, kjv) or a text/JSONL path")
+    vc.add_argument("--out", required=True, help="output model directory")
+    vc.add_argument("--k", type=int, default=1000, help="expand: number of new tokens")
+    vc.add_argument("--init", default="merge", choices=["merge", "mean", "random"],
+                    help="expand: initialisation of the new embedding rows")
+
     mg = verb("merge", "Merge several adapters (any mix of methods and ranks) by a YAML recipe.")
     mg.add_argument("recipe", help="YAML/JSON merge recipe")
     return p
@@ -166,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser(_method_from_argv(argv)).parse_args(argv)
         return {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "info": cmd_info,
                 "generate": cmd_generate, "methods": cmd_methods, "merge": cmd_merge,
-                "serve": cmd_serve}[args.verb](args)
+                "serve": cmd_serve, "vocab": cmd_vocab}[args.verb](args)
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
@@ -332,6 +348,34 @@ def cmd_serve(args) -> int:
     from lorakit.serve.server import main_serve
 
     return main_serve(args.model, args.adapters, args.host, args.port, args.api_key, args.max_batch, args.budget_mb)
+
+
+def cmd_vocab(args) -> int:
+    from lorakit.evaluate import fertility
+    from lorakit.fsutil import atomic_dir
+    from lorakit.models import load_model
+    from lorakit.train import train_texts
+
+    model, tok = load_model(args.model)
+    texts = train_texts(args.data, tok)
+    before = fertility(tok, texts)
+    if args.action == "expand":
+        from lorakit.lang import expand_vocabulary
+
+        model, tok, report = expand_vocabulary(model, tok, texts, k=args.k, init=args.init)
+        summary = f"added {report['n_added']} tokens ({args.init} init)"
+    else:
+        from lorakit.lang import reduce_vocabulary
+
+        model, tok, report = reduce_vocabulary(model, tok, texts)
+        summary = (f"kept {report['n_after']} of {report['n_before']} tokens, "
+                   f"saved {report['bytes_saved'] / 1e6:.1f} MB ({100 * report['fraction_saved']:.1f}%)")
+    with atomic_dir(Path(args.out)) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    print(f"{summary}; fertility on {args.data}: {before:.2f} -> {fertility(tok, texts):.2f} tokens/word; "
+          f"written to {args.out}")
+    return 0
 
 
 def cmd_merge(args) -> int:
