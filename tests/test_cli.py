@@ -26,7 +26,7 @@ def adapted(tiny_model_dir, adapter):
     return lorakit.load(m, adapter)
 
 
-@pytest.mark.parametrize("verb", ["train", "eval", "export", "info", "generate", "methods", "merge", "serve", "vocab"])
+@pytest.mark.parametrize("verb", ["train", "eval", "export", "info", "generate", "methods", "merge", "serve", "vocab", "federate"])
 def test_every_verb_has_help_with_examples(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])
@@ -157,3 +157,20 @@ def test_vocab_verb(action, tiny_model_dir, text_file, tmp_path, capsys):
     assert (len(new) > len(old)) if action == "expand" else (len(new) < len(old))
     text = "Moni, muli bwanji? Ndili bwino, zikomo kwambiri."
     assert new.decode(new(text)["input_ids"]) == text
+
+
+def test_federate_verb_flora_mixed_ranks(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "fed"
+    assert main(["federate", "--model", str(tiny_model_dir), "--task", "causal-lm", "--data", str(text_file),
+                 "--clients", "2", "--ranks", "2,4", "--rounds", "2", "--local-steps", "2", "--block-size", "16",
+                 "--batch-size", "4", "--lr", "0.01", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "history and final model written" in printed
+    hist = json.loads((out / "federation.json").read_text())
+    assert len(hist["rounds"]) == 2 and all(len(r["accepted"]) == 2 for r in hist["rounds"])
+    merged = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(merged[k], base[k]) for k in base)
+    assert main(["federate", "--model", str(tiny_model_dir), "--task", "causal-lm", "--data", str(text_file),
+                 "--clients", "3", "--ranks", "2,4"]) == 2
+    assert "3 clients" in capsys.readouterr().err

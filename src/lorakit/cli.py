@@ -1,4 +1,4 @@
-"""`lorakit <verb>`: train, eval, export, merge, serve, vocab, info, generate, methods.
+"""`lorakit <verb>`: train, eval, export, merge, serve, vocab, federate, info, generate, methods.
 
 Flags of `train` are generated from `TrainConfig` and from the chosen method's config
 dataclass, so every field is settable from the command line or a YAML/JSON file.
@@ -58,6 +58,12 @@ then, with any OpenAI client:
 (expand: new target-language tokens from continued BPE merges, new embedding rows initialised by
  merge|mean|random; reduce: keep only the tokens the data uses. The output is a normal
  transformers model directory.)""",
+    "federate": """examples:
+  lorakit federate --model minilm-l6 --task seq-cls --data bbc-news --clients 4 --dirichlet 0.5 \\
+      --ranks 4,8,16,8 --rounds 5 --local-steps 10 --strategy flora --out runs/fed
+  lorakit federate --model smollm2-135m --data chichewa --clients 2 --ranks 4,8 --rounds 3 --sparse 0.1
+  lorakit federate ... --flower        # the same rounds in Flower's simulation engine (Ray)
+(real multi-machine runs: examples/flower_app/run_local.sh with flower-superlink/supernode)""",
     "merge": """examples:
   lorakit merge recipe.yaml
 recipe.yaml (mergekit style):
@@ -147,6 +153,25 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     vc.add_argument("--init", default="merge", choices=["merge", "mean", "random"],
                     help="expand: initialisation of the new embedding rows")
 
+    fd = verb("federate", "Federated LoRA fine-tuning across simulated clients (FLoRA, FedAvg; optional Flower).")
+    fd.add_argument("--model", default="minilm-l6", help="alias or local HF dir")
+    fd.add_argument("--task", default="seq-cls", choices=["causal-lm", "seq-cls"])
+    fd.add_argument("--data", default="bbc-news", help="bbc-news (seq-cls), chichewa/kjv or a text path (causal-lm)")
+    fd.add_argument("--clients", type=int, default=4)
+    fd.add_argument("--ranks", default="8", help="one rank, or one per client: 4,8,16,8 (FLoRA allows mixed ranks)")
+    fd.add_argument("--strategy", default="flora", choices=["flora", "fedavg", "fedavg-delta"])
+    fd.add_argument("--rounds", type=int, default=5)
+    fd.add_argument("--local-steps", type=int, default=10)
+    fd.add_argument("--lr", type=float, default=1e-3)
+    fd.add_argument("--batch-size", type=int, default=8)
+    fd.add_argument("--dirichlet", type=float, default=0.5, help="seq-cls label skew α (smaller = more non-IID)")
+    fd.add_argument("--sparse", type=float, default=None, help="send only this fraction of entries (CELLM top-k)")
+    fd.add_argument("--block-size", type=int, default=128, help="causal-lm block length")
+    fd.add_argument("--max-length", type=int, default=128, help="seq-cls truncation")
+    fd.add_argument("--seed", type=int, default=0)
+    fd.add_argument("--flower", action="store_true", help="run in Flower's simulation engine")
+    fd.add_argument("--out", default=None, help="write federation.json and the final model here")
+
     mg = verb("merge", "Merge several adapters (any mix of methods and ranks) by a YAML recipe.")
     mg.add_argument("recipe", help="YAML/JSON merge recipe")
     return p
@@ -182,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser(_method_from_argv(argv)).parse_args(argv)
         return {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "info": cmd_info,
                 "generate": cmd_generate, "methods": cmd_methods, "merge": cmd_merge,
-                "serve": cmd_serve, "vocab": cmd_vocab}[args.verb](args)
+                "serve": cmd_serve, "vocab": cmd_vocab, "federate": cmd_federate}[args.verb](args)
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
@@ -348,6 +373,87 @@ def cmd_serve(args) -> int:
     from lorakit.serve.server import main_serve
 
     return main_serve(args.model, args.adapters, args.host, args.port, args.api_key, args.max_batch, args.budget_mb)
+
+
+def cmd_federate(args) -> int:
+    import copy
+
+    import torch
+
+    from lorakit.errors import ConfigError
+    from lorakit.federated import dirichlet_split, run_federation
+    from lorakit.models import load_model
+
+    ranks = [int(r) for r in str(args.ranks).split(",")]
+    ranks = ranks * args.clients if len(ranks) == 1 else ranks
+    if len(ranks) != args.clients:
+        raise ConfigError(f"--ranks gives {len(ranks)} ranks for {args.clients} clients")
+    eval_fn, extra = None, {}
+    if args.task == "seq-cls":
+        from lorakit.data import bbc_news
+        from lorakit.evaluate import evaluate_classifier
+
+        if args.data != "bbc-news":
+            raise ConfigError("federate --task seq-cls reads --data bbc-news")
+        texts, labels, names = bbc_news("train")
+        base, tok = load_model(args.model, task="seq-cls", num_labels=len(names))
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = tok.pad_token_id
+        enc = tok(texts, truncation=True, max_length=args.max_length, padding="max_length", return_tensors="pt")
+        examples = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
+                     "labels": torch.tensor(labels[i])} for i in range(len(labels))]
+        parts = dirichlet_split(labels, args.clients, args.dirichlet, seed=args.seed)
+        clients = [[examples[i] for i in part] for part in parts]
+        test_texts, test_labels, _ = bbc_news("test")
+
+        def eval_fn(model):
+            return evaluate_classifier(model, tok, test_texts, test_labels, max_length=args.max_length)
+
+        extra["modules_to_save"] = [h for h in ("classifier", "score") if hasattr(base, h)] or None
+    else:
+        from lorakit.data import pack
+        from lorakit.evaluate import evaluate_lm
+        from lorakit.train import train_texts
+
+        base, tok = load_model(args.model)
+        blocks = pack(tok, train_texts(args.data, tok), args.block_size)
+        if len(blocks) < args.clients:
+            raise ConfigError(f"{args.data} has only {len(blocks)} blocks for {args.clients} clients")
+        clients = list(blocks.chunk(args.clients))  # contiguous text: each client sees different books
+        if args.data == "chichewa":
+            heldout = _eval_texts("chichewa-heldout")
+
+            def eval_fn(model):
+                return {"bits_per_byte": evaluate_lm(model, tok, heldout, progress=False)["bits_per_byte"]}
+
+    kw = dict(strategy=args.strategy, local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size,
+              sparse=args.sparse, seed=args.seed, eval_fn=eval_fn, **extra)
+    factory = lambda: copy.deepcopy(base)  # noqa: E731
+    if args.flower:
+        from lorakit.federated.flower import run_flower_simulation
+
+        history = run_flower_simulation(factory, clients, ranks, args.rounds, **kw)
+    else:
+        history = run_federation(factory, clients, ranks, args.rounds, **kw)
+    print(f"{'round':>5} {'accepted':>8} {'rejected':>8} {'train loss':>10} {'bytes up':>10}  eval")
+    for r in history.rounds:
+        losses = list((r.get("train_loss") or {}).values())
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        print(f"{r['round']:>5} {len(r.get('accepted', [])):>8} {len(r.get('rejected', [])):>8} {loss:>10.4f} "
+              f"{r.get('bytes_up', 0):>10}  {json.dumps(r.get('eval'), default=float)}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "federation.json").write_text(json.dumps(
+            {"args": vars(args), "rounds": history.rounds}, indent=2, default=str) + "\n")
+        if history.model is not None:
+            from lorakit.fsutil import atomic_dir
+
+            with atomic_dir(out / "model") as tmp:
+                history.model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+        print(f"history and final model written to {out}")
+    return 0
 
 
 def cmd_vocab(args) -> int:
