@@ -96,6 +96,15 @@ class AdapterConfig:
         return from_dict(cls, data)
 
 
+def keep_ranks_(module: torch.nn.Module, keep: torch.Tensor, dims: dict[str, int]) -> None:
+    """Replace each named parameter by its slices `keep` along its rank dimension `dims[name]`
+    (new, smaller Parameters with the same requires_grad): for rank-pruning methods."""
+    for pname, dim in dims.items():
+        old = getattr(module, pname)
+        setattr(module, pname, torch.nn.Parameter(old.index_select(dim, keep).contiguous(),
+                                                  requires_grad=old.requires_grad))
+
+
 def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")

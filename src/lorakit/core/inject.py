@@ -14,6 +14,7 @@ once all of them exist, so a bad config leaves the model untouched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -68,6 +69,17 @@ def check_not_merged(model: nn.Module, name: str) -> None:
     merged = [p for p, layer in adapted_layers(model).items() if name in layer.merged]
     if merged:
         raise AdapterError(f"adapter {name!r} is merged into {merged[0]} (and {len(merged) - 1} more); unmerge first")
+
+
+def prune_adapter(model: nn.Module, name: str, modules: dict[str, nn.Module], full_rank: int) -> dict[str, int]:
+    """Call `prune_()` on each module of adapter `name` and record the per-module ranks that
+    differ from `full_rank` in the stored config's `ranks`, so save -> load rebuilds them."""
+    check_not_merged(model, name)
+    new = {p: m.prune_() for p, m in modules.items()}
+    st = state(model)
+    st.configs[name] = dataclasses.replace(
+        st.configs[name], ranks={p: k for p, k in sorted(new.items()) if k != full_rank})
+    return new
 
 
 # -- target matching -------------------------------------------------------------------

@@ -54,7 +54,6 @@ with `allocator = RankAllocator(model)` (or use `add_orth_grad_` instead of the 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -63,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.core.adapter import AdapterConfig, LayerSpec, check_positive_int, check_range
-from lorakit.core.inject import adapter_modules, check_not_merged, state
+from lorakit.core.adapter import AdapterConfig, LayerSpec, check_positive_int, check_range, keep_ranks_
+from lorakit.core.inject import adapter_modules, prune_adapter, state
 from lorakit.core.registry import register_method
 from lorakit.errors import ConfigError
 
@@ -195,10 +194,7 @@ class AdaLora(nn.Module):
         keep = (self.lora_E.view(-1) != 0).nonzero().squeeze(1)
         if keep.numel() == self.rank:
             return self.rank
-        for pname, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
-            old = getattr(self, pname)
-            setattr(self, pname, nn.Parameter(old.index_select(dim, keep).contiguous(),
-                                              requires_grad=old.requires_grad))
+        keep_ranks_(self, keep, {"lora_A": 0, "lora_E": 0, "lora_B": 1})
         return self.rank
 
     @classmethod
@@ -255,13 +251,7 @@ def prune(model: nn.Module, name: str = "default") -> dict[str, int]:
     stored config's `ranks` records the new shapes so that save -> load rebuilds them. Call
     it after training: the optimizer would still hold the old, larger parameters.
     """
-    mods = adalora_modules(model, name)
-    check_not_merged(model, name)
-    new = {p: m.prune_() for p, m in mods.items()}
-    st = state(model)
-    cfg = st.configs[name]
-    st.configs[name] = dataclasses.replace(cfg, ranks={p: k for p, k in sorted(new.items()) if k != cfg.init_r})
-    return new
+    return prune_adapter(model, name, adalora_modules(model, name), state(model).configs[name].init_r)
 
 
 class RankAllocator:

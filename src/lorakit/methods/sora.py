@@ -24,7 +24,6 @@ the scheduler changes the learning rate. In a custom loop call
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -32,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.core.adapter import AdapterConfig, LayerSpec, check_positive_int, check_range
-from lorakit.core.inject import adapter_modules, check_not_merged, state
+from lorakit.core.adapter import AdapterConfig, LayerSpec, check_positive_int, check_range, keep_ranks_
+from lorakit.core.inject import adapter_modules, prune_adapter, state
 from lorakit.core.registry import register_method
 from lorakit.errors import ConfigError
 
@@ -165,10 +164,7 @@ class Sora(nn.Module):
         keep = (self.gate != 0).nonzero().squeeze(1)
         if keep.numel() == self.rank:
             return self.rank
-        for pname, dim in (("lora_A", 0), ("lora_B", 1), ("gate", 0)):
-            old = getattr(self, pname)
-            new = nn.Parameter(old.index_select(dim, keep).contiguous(), requires_grad=old.requires_grad)
-            setattr(self, pname, new)
+        keep_ranks_(self, keep, {"lora_A": 0, "lora_B": 1, "gate": 0})
         self._active_cache = None
         return self.rank
 
@@ -215,13 +211,7 @@ def prune(model: nn.Module, name: str = "default") -> dict[str, int]:
     config's `ranks` records the new per-module ranks so that save -> load rebuilds them.
     Call it after training: the optimizer would still hold the old, larger parameters.
     """
-    mods = sora_modules(model, name)
-    check_not_merged(model, name)
-    new = {p: m.prune_() for p, m in mods.items()}
-    st = state(model)
-    cfg = st.configs[name]
-    st.configs[name] = dataclasses.replace(cfg, ranks={p: k for p, k in sorted(new.items()) if k != cfg.r})
-    return new
+    return prune_adapter(model, name, sora_modules(model, name), state(model).configs[name].r)
 
 
 def proximal_callback(model: nn.Module, name: str = "default"):
