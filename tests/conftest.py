@@ -67,6 +67,25 @@ def perturb(model, name="default", seed=0, scale=0.05):
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def randomize(model, name="default", seed=0, std=0.1):
+    """Overwrite every parameter of adapter `name` with seeded N(0, std) values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in adapters(model, name).values():
+            for p in a.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def token_data(n=12, t=8, lo=1, hi=128, seed=0):
+    """(n, t) random token ids in [lo, hi): a causal-LM client dataset."""
+    return torch.randint(lo, hi, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def two_clients():
+    """Label skew for a language model: each client sees half of the vocabulary."""
+    return [token_data(lo=1, hi=64, seed=1), token_data(lo=64, hi=128, seed=2)]
+
+
 def regression_losses(model, ids, lr, steps=8, seed=0):
     """Fit the model's logits to a fixed random target with Adam on its trainable params;
     returns the loss per step (a quick 'does this adapter train' check)."""

@@ -12,7 +12,7 @@ from lorakit.compose import MergeRecipe, load_recipe, merge_adapters, merged_fac
 from lorakit.core.inject import adapted_layers
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError
 from lorakit.methods.dylora import DyLoraConfig
-from tests.conftest import logits_of, tiny_llama
+from tests.conftest import logits_of, randomize, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -21,15 +21,6 @@ SOURCES = {  # different ranks and targets; "c" is not even LoRA
     "b": lambda: lorakit.LoraConfig(r=4, alpha=8, target="all-linear"),
     "c": lambda: DyLoraConfig(r=3, alpha=6, target=["q_proj", "down_proj"]),
 }
-
-
-def randomize(model, name, seed, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted_layers(model).values():
-            if name in layer.adapters:
-                for p in layer.adapters[name].parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def model_with(names=("a", "b", "c")):

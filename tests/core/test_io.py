@@ -17,17 +17,9 @@ from safetensors.torch import load_file, save_file
 import lorakit
 from lorakit.core.inject import adapted_layers
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError, LorakitError
-from tests.conftest import logits_of, tiny_gpt2, tiny_llama
+from tests.conftest import logits_of, randomize, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
-
-
-def randomize(model, name="default", seed=0, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted_layers(model).values():
-            for p in layer.adapters[name].parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def saved_adapter(tmp_path, factory=tiny_llama, **cfg):

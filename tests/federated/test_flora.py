@@ -6,19 +6,9 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.federated import ClientUpdate, dirichlet_split, run_federation, validate_update
 from lorakit.ops.aggregate import SparseUpdate, cross_terms
-from tests.conftest import logits_of, tiny_bert, tiny_gpt2, tiny_llama
+from tests.conftest import logits_of, tiny_bert, tiny_gpt2, tiny_llama, token_data, two_clients
 
 Q = "model.layers.0.self_attn.q_proj"
-
-
-def token_data(n=12, t=8, lo=1, hi=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(lo, hi, (n, t), generator=g)
-
-
-def two_clients():
-    # label skew for a language model: each client sees half of the vocabulary
-    return [token_data(lo=1, hi=64, seed=1), token_data(lo=64, hi=128, seed=2)]
 
 
 def weights_of(model):

@@ -19,18 +19,9 @@ from lorakit.federated.flower import (  # noqa: E402
     run_flower_simulation,
 )
 from lorakit.ops.aggregate import SparseUpdate, flora_stack, topk_sparsify  # noqa: E402
-from tests.conftest import logits_of, tiny_llama  # noqa: E402
+from tests.conftest import logits_of, tiny_llama, token_data, two_clients  # noqa: E402
 
 Q = "model.layers.0.self_attn.q_proj"
-
-
-def token_data(n=12, t=8, lo=1, hi=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(lo, hi, (n, t), generator=g)
-
-
-def two_clients():
-    return [token_data(lo=1, hi=64, seed=1), token_data(lo=64, hi=128, seed=2)]
 
 
 def nan_from_client_1_in_round_0(rnd, k, update):

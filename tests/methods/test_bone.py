@@ -8,18 +8,11 @@ import lorakit
 from lorakit.core.inject import adapted_layers
 from lorakit.errors import ConfigError
 from lorakit.methods.bone import BoneConfig
-from tests.conftest import logits_of, tiny_bert, tiny_llama
+from tests.conftest import logits_of, randomize, tiny_bert, tiny_llama
 
 
 def adapters(model, name="default"):
     return {p: layer.adapters[name] for p, layer in adapted_layers(model).items()}
-
-
-def randomize(model, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for a in adapters(model).values():
-            a.miss_block.copy_(torch.randn(a.miss_block.shape, generator=g) * scale)
 
 
 def test_bat_update_is_block_affine():

@@ -11,19 +11,11 @@ from lorakit.core.inject import adapted_layers
 from lorakit.errors import ConfigError
 from lorakit.methods.hydra import HydraConfig
 from lorakit.methods.lora import LoraConfig
-from tests.conftest import logits_of, tiny_bert, tiny_gpt2, tiny_llama
+from tests.conftest import logits_of, perturb, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def adapters(model, name="default"):
     return {p: layer.adapters[name] for p, layer in adapted_layers(model).items() if name in layer.adapters}
-
-
-def randomize(model, name="default", seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for a in adapters(model, name).values():
-            for p in a.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def test_branches_equal_their_definition():
@@ -31,7 +23,7 @@ def test_branches_equal_their_definition():
     model = tiny_llama()
     base = model.model.layers[0].mlp.up_proj  # (64, 32), no bias
     lorakit.inject(model, HydraConfig(r=4, r_seq=2, alpha=8.0, target="up_proj"))
-    randomize(model)
+    perturb(model, scale=0.1)
     a = adapters(model)["model.layers.0.mlp.up_proj"]
     x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1))
     base_out = base(x)
@@ -49,7 +41,7 @@ def test_merge_is_exact_on_layers_with_bias(factory, tokens):
             if n.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     lorakit.inject(model, HydraConfig(r=4))
-    randomize(model)
+    perturb(model, scale=0.1)
     out = logits_of(model, tokens)
     lorakit.merge(model)
     torch.testing.assert_close(logits_of(model, tokens), out, rtol=0, atol=1e-5)
@@ -60,8 +52,8 @@ def test_stays_consistent_when_another_adapter_is_merged_underneath(tokens):
     model = tiny_llama()
     lorakit.inject(model, HydraConfig(r=4), name="h")
     lorakit.inject(model, LoraConfig(r=4), name="l")
-    randomize(model, "h", seed=1)
-    randomize(model, "l", seed=2)
+    perturb(model, "h", seed=1, scale=0.1)
+    perturb(model, "l", seed=2, scale=0.1)
     out = logits_of(model, tokens)
     lorakit.merge(model, ["l"])
     torch.testing.assert_close(logits_of(model, tokens), out, rtol=0, atol=1e-5)
@@ -90,7 +82,7 @@ def test_default_scales_and_init():
 def test_to_lora_exact_at_stacked_rank():
     model = tiny_gpt2()
     lorakit.inject(model, HydraConfig(r=4, r_seq=3, target="c_fc"))
-    randomize(model)
+    perturb(model, scale=0.1)
     a = next(iter(adapters(model).values()))
     A, B, s = a.to_lora()
     assert A.shape == (7, 32) and B.shape == (128, 7)
@@ -114,13 +106,13 @@ def test_sequential_branch_sees_the_bias_and_merge_moves_it():
     """With a bias, h = W0x + b0 + s_p B_p A_p x + s_s B_s A_s (W0x + b0), as in the reference."""
     m = tiny_bert()
     lorakit.inject(m, HydraConfig(r=2, target="query"))
-    randomize(m)
+    perturb(m, scale=0.1)
     layer = m.bert.encoder.layer[0].attention.self.query
     with torch.no_grad():
         layer.base.bias.normal_()
     lorakit.delete(m, "default")  # rebuild so the adapter snapshots the non-zero bias
     lorakit.inject(m, HydraConfig(r=2, target="query"))
-    randomize(m)
+    perturb(m, scale=0.1)
     layer = m.bert.encoder.layer[0].attention.self.query
     a = layer.adapters["default"]
     x = torch.randn(3, 32)

@@ -8,17 +8,9 @@ import lorakit
 from lorakit.core.inject import adapted_layers
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.serve import AdapterPool, Engine, Request, ServingLinear
-from tests.conftest import logits_of, tiny_llama
+from tests.conftest import logits_of, randomize, tiny_llama
 
 EOS = 2  # tiny Llama's eos (LlamaConfig default): generate() and the engine both stop there
-
-
-def randomize(model, seed, std=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted_layers(model).values():
-            for p in layer.adapters["default"].parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +26,7 @@ def adapter_dir(tmp_path_factory):
     for i, (name, cfg) in enumerate(specs.items()):
         m = tiny_llama()
         lorakit.inject(m, lorakit.LoraConfig(**cfg))
-        randomize(m, seed=10 + i)
+        randomize(m, seed=10 + i, std=0.3)
         lorakit.save(m, root / name)
     peft = pytest.importorskip("peft")
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"],
@@ -327,7 +319,7 @@ def test_gpt2_conv1d_layers(tmp_path):
 
     m = tiny_gpt2()
     lorakit.inject(m, lorakit.LoraConfig(r=4, alpha=8.0))
-    randomize(m, seed=3)
+    randomize(m, seed=3, std=0.3)
     lorakit.save(m, tmp_path / "g")
     reqs = [Request([5, 6, 7, 8], adapter="g", max_new_tokens=6, stop_token_ids=[]),
             Request([9, 3], max_new_tokens=4, stop_token_ids=[])]

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.core.inject import adapted_layers
 from lorakit.serve import AdapterPool, Engine
 
 openai = pytest.importorskip("openai")
@@ -22,18 +21,11 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from lorakit.serve.server import TextStream, build_app, create_app, render_chat
+from lorakit.serve.server import TextStream, build_app, create_app, render_chat  # noqa: E402
+from tests.conftest import randomize  # noqa: E402
 
 BASE = "tiny-base"
 PROMPT = "The quick brown fox"
-
-
-def randomize(model, seed, std=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted_layers(model).values():
-            for p in layer.adapters["default"].parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def load(model_dir):
@@ -51,7 +43,7 @@ def adapter_root(tiny_model_dir, tmp_path_factory):
     for i, (name, cfg) in enumerate(cfgs.items()):
         m, _ = load(tiny_model_dir)
         lorakit.inject(m, cfg)
-        randomize(m, seed=10 + i)
+        randomize(m, seed=10 + i, std=0.3)
         lorakit.save(m, root / name)
     shutil.copytree(root / "alpha", root / "broken")
     w = root / "broken" / "adapter_model.safetensors"
