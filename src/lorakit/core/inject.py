@@ -83,7 +83,7 @@ def prune_adapter(model: nn.Module, name: str, modules: dict[str, nn.Module], fu
 
 
 # -- target matching -------------------------------------------------------------------
-def _output_head_names(model: nn.Module) -> set[str]:
+def output_head_names(model: nn.Module) -> set[str]:
     names = set()
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
@@ -107,6 +107,23 @@ def _base_of(m: nn.Module) -> nn.Module:
     return m.base if isinstance(m, AdaptedLayer) else m
 
 
+def match_targets(paths: list[str], target, heads=(), exclude=()) -> list[str]:
+    """The `paths` that `target` selects, by the rules in this module's docstring.
+
+    "all-linear" takes every path except the output `heads` and `exclude` (the caller passes
+    only linear paths); a list or a plain name matches by suffix; anything else is a regex.
+    """
+    if target == "all-linear":
+        return [n for n in paths if n not in heads and not name_matches(n, exclude)]
+    if isinstance(target, (list, tuple)) or not (_REGEX_CHARS & set(target)):
+        return [n for n in paths if name_matches(n, [target] if isinstance(target, str) else target)]
+    try:
+        rx = re.compile(target)
+    except re.error as e:
+        raise ConfigError(f"target {target!r} is not a valid regular expression: {e}") from None
+    return [n for n in paths if rx.fullmatch(n)]
+
+
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Module paths the config's `target` selects (errors if none match)."""
     target = config.target
@@ -115,23 +132,10 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         n for n, m in model.named_modules()
         if wrapper_for(_base_of(m)) is not None and not n.startswith(wrappers)
     ]  # never wrap the inside of a wrapper
-    keep = config.modules_to_save or []
+    pool = candidates
     if target == "all-linear":
-        heads = _output_head_names(model)
-        chosen = [
-            n for n in candidates
-            if wrapper_for(_base_of(model.get_submodule(n))).kind == "linear" and n not in heads
-            and not name_matches(n, keep)
-        ]
-    elif isinstance(target, list) or not (_REGEX_CHARS & set(target)):
-        names = target if isinstance(target, list) else [target]
-        chosen = [n for n in candidates if name_matches(n, names)]
-    else:
-        try:
-            rx = re.compile(target)
-        except re.error as e:
-            raise ConfigError(f"target {target!r} is not a valid regular expression: {e}") from None
-        chosen = [n for n in candidates if rx.fullmatch(n)]
+        pool = [n for n in candidates if wrapper_for(_base_of(model.get_submodule(n))).kind == "linear"]
+    chosen = match_targets(pool, target, heads=output_head_names(model), exclude=config.modules_to_save or [])
     if not chosen:
         leaves = sorted({n.split(".")[-1] for n in candidates})
         raise ConfigError(

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 import torch.nn.functional as F
@@ -270,22 +269,12 @@ def quantized_nbytes(model: nn.Module) -> int:
 
 
 def _select(model: nn.Module, targets, exclude) -> list[str]:
-    from lorakit.core.inject import _output_head_names, name_matches
+    from lorakit.core.inject import match_targets, name_matches, output_head_names
 
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
-    if targets == "all-linear":
-        heads = _output_head_names(model)
-        chosen = [n for n in linears if n not in heads]
-    elif isinstance(targets, (list, tuple)):
-        chosen = [n for n in linears if name_matches(n, targets)]
-    elif isinstance(targets, str):
-        try:
-            rx = re.compile(targets)
-        except re.error as e:
-            raise ConfigError(f"targets {targets!r} is not a valid regular expression: {e}") from None
-        chosen = [n for n in linears if rx.fullmatch(n) or name_matches(n, [targets])]
-    else:
+    if not (targets == "all-linear" or isinstance(targets, (str, list, tuple))):
         raise ConfigError(f"targets must be 'all-linear', a list of module names or a regex, got {targets!r}")
+    chosen = match_targets(linears, targets, heads=output_head_names(model))
     if exclude:
         chosen = [n for n in chosen if not name_matches(n, exclude)]
     if not chosen:
