@@ -63,7 +63,8 @@ from lorakit.ops.aggregate import (
     truncate_global,
 )
 
-__all__ = ["STRATEGIES", "ClientUpdate", "FederationHistory", "run_federation", "validate_update"]
+__all__ = ["STRATEGIES", "ClientUpdate", "FederationHistory", "client_init", "client_round", "run_federation",
+           "validate_update"]
 
 STRATEGIES = ("flora", "fedavg", "fedavg-delta")
 ADAPTER = "default"
@@ -322,37 +323,17 @@ def run_federation(
     residuals: list[dict] = [{} for _ in datasets]  # error feedback, per client and tensor
     last_broadcast = 0  # bytes every client must download before the next round
 
-    def seeded_a(rnd: int, client: int, r: int) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(_derive_seed(seed, "init", rnd, client))
-        return {p: _kaiming_a(gen, r, shapes[p][1]).to(device) for p in paths}
-
-    def init_for(rnd: int, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        r = ranks[k]
-        if strategy == "flora" or rnd == 0:
-            a0 = seeded_a(rnd, -1 if strategy == "fedavg" else k, r)  # fedavg: one shared init
-            return {p: (a0[p], torch.zeros(shapes[p][0], r, device=device)) for p in paths}
-        if strategy == "fedavg":
-            return {p: (global_factors[p][0].clone(), global_factors[p][1].clone()) for p in paths}
-        fresh = seeded_a(rnd, k, r)
-        out = {}
-        for p in paths:  # fedavg-delta: the client's rank-r_k view of the global update
-            a, b = truncate_global(*global_factors[p], r)
-            dead = a.abs().sum(dim=1) == 0  # padded / zero-σ directions: train them from a LoRA init
-            a[dead] = fresh[p][dead]
-            out[p] = (a, b)
-        return out
-
     for rnd in range(rounds):
         record: dict[str, Any] = {"round": rnd, "accepted": [], "rejected": [], "weights": {}, "train_loss": {},
                                   "bytes_up": 0, "bytes_up_dense": 0, "bytes_down": 0}
         received: dict[int, tuple[ClientUpdate, dict]] = {}
         for k in range(len(datasets)):
-            init = init_for(rnd, k)
+            init = client_init(strategy, rnd, k, ranks[k], shapes, global_factors, seed, device)
             if strategy == "flora":
                 record["bytes_down"] += last_broadcast  # the previous round's stacked update
             elif rnd > 0:
                 record["bytes_down"] += bytes_of(init) + last_broadcast  # factors + head deltas
-            update = _client_round(global_model, configs[k], k, init, datasets[k], rnd, seed, local_steps, lr,
+            update = client_round(global_model, configs[k], k, init, datasets[k], rnd, seed, local_steps, lr,
                                    batch_size, loss_fn, full_shapes, device)
             record["bytes_up_dense"] += bytes_of(update.factors) + bytes_of(update.full)
             if sparse is not None:
@@ -419,6 +400,36 @@ def run_federation(
     return history
 
 
+def client_init(strategy: str, rnd: int, k: int, r: int, shapes: dict, glob: dict, seed: int, device) -> dict:
+    """Client k's init (A⁰ (r, d_in), B⁰ (d_out, r)) per module for round `rnd` (0-based).
+
+    "flora" (and every strategy in round 0): A⁰ seeded Kaiming-uniform from (seed, rnd, k)
+    (one shared draw for "fedavg"), B⁰ = 0. "fedavg": the global factors `glob`. "fedavg-delta":
+    the best rank-r view of the global update, dead rows of A re-seeded. `shapes` maps each
+    module path to (d_out, d_in); `glob` maps it to the global (A, B) (empty before round 1).
+    Server and clients (in-process or Flower) call this, so both derive the same init.
+    """
+    paths = sorted(shapes)
+
+    def seeded(client: int) -> dict:
+        gen = torch.Generator().manual_seed(_derive_seed(seed, "init", rnd, client))
+        return {p: _kaiming_a(gen, r, shapes[p][1]).to(device) for p in paths}
+
+    if strategy == "flora" or not glob:
+        a0 = seeded(-1 if strategy == "fedavg" else k)
+        return {p: (a0[p], torch.zeros(shapes[p][0], r, device=device)) for p in paths}
+    if strategy == "fedavg":
+        return {p: (glob[p][0].to(device).clone(), glob[p][1].to(device).clone()) for p in paths}
+    fresh = seeded(k)
+    out = {}
+    for p in paths:
+        a, b = truncate_global(glob[p][0], glob[p][1], r)
+        dead = a.abs().sum(dim=1) == 0
+        a[dead] = fresh[p][dead].to(a.device)
+        out[p] = (a.to(device), b.to(device))
+    return out
+
+
 def _wire_bytes(update) -> int:
     try:
         return bytes_of(getattr(update, "factors", None)) + bytes_of(getattr(update, "full", None))
@@ -448,7 +459,7 @@ def _sparsify(update: ClientUpdate, k_fraction: float, residual: dict) -> None:
         update.full[name], residual[("full", name)] = topk_sparsify(d, k_fraction, residual.get(("full", name)))
 
 
-def _client_round(global_model, config, k, init, dataset, rnd, seed, steps, lr, batch_size, loss_fn,
+def client_round(global_model, config, k, init, dataset, rnd, seed, steps, lr, batch_size, loss_fn,
                   full_shapes, device) -> ClientUpdate:
     """Client k: copy the global base, inject LoRA at `init`, train, return the differences."""
     client = copy.deepcopy(global_model)

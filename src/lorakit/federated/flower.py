@@ -84,16 +84,21 @@ from lorakit.federated.flora import (
     ClientUpdate,
     FederationHistory,
     _as_dataset,
-    _client_round,
-    _derive_seed,
-    _kaiming_a,
     _sparsify,
     _weight_view,
     _wire_bytes,
+    client_init,
+    client_round,
     validate_update,
 )
 from lorakit.methods.lora import LoraConfig
-from lorakit.ops.aggregate import SparseUpdate, bytes_of, fedavg_factors, flora_stack, normalize_weights, truncate_global
+from lorakit.ops.aggregate import (
+    SparseUpdate,
+    bytes_of,
+    fedavg_factors,
+    flora_stack,
+    normalize_weights,
+)
 
 __all__ = [
     "FloraStrategy",
@@ -259,29 +264,6 @@ def _shapes(model: nn.Module, config: LoraConfig) -> tuple[dict, dict]:
     return shapes, full_shapes
 
 
-def _client_init(strategy: str, rnd: int, k: int, r: int, shapes: dict, glob: dict, seed: int, device) -> dict:
-    """The round's init (A⁰, B⁰) per module, as run_federation's init_for (rnd is 0-based)."""
-    paths = sorted(shapes)
-
-    def seeded(client: int) -> dict:
-        gen = torch.Generator().manual_seed(_derive_seed(seed, "init", rnd, client))
-        return {p: _kaiming_a(gen, r, shapes[p][1]).to(device) for p in paths}
-
-    if strategy == "flora" or not glob:
-        a0 = seeded(-1 if strategy == "fedavg" else k)
-        return {p: (a0[p], torch.zeros(shapes[p][0], r, device=device)) for p in paths}
-    if strategy == "fedavg":
-        return {p: (glob[p][0].to(device).clone(), glob[p][1].to(device).clone()) for p in paths}
-    fresh = seeded(k)
-    out = {}
-    for p in paths:
-        a, b = truncate_global(glob[p][0], glob[p][1], r)
-        dead = a.abs().sum(dim=1) == 0
-        a[dead] = fresh[p][dead].to(a.device)
-        out[p] = (a.to(device), b.to(device))
-    return out
-
-
 # -- client ---------------------------------------------------------------------------------
 def make_client_app(
     model_factory: Callable[[], nn.Module],
@@ -316,8 +298,8 @@ def make_client_app(
         device = next(model.parameters()).device
         glob = _apply_state(model, msg.content["arrays"])
         shapes, full_shapes = _shapes(model, config)
-        init = _client_init(strategy, rnd, k, ranks[k], shapes, glob, seed, device)
-        update = _client_round(model, config, k, init, datasets[k], rnd, seed, int(cfg["local-steps"]),
+        init = client_init(strategy, rnd, k, ranks[k], shapes, glob, seed, device)
+        update = client_round(model, config, k, init, datasets[k], rnd, seed, int(cfg["local-steps"]),
                                float(cfg["lr"]), int(cfg["batch-size"]), loss_fn, full_shapes, device)
         del model
         dense_bytes = bytes_of(update.factors) + bytes_of(update.full)
@@ -471,7 +453,7 @@ class FloraStrategy(Strategy):
         p = normalize_weights(raw, len(ks))
         record["weights"] = dict(zip(ks, p))
         # the inits are regenerated here exactly as the clients did (seeded, or the global factors)
-        inits = {k: _client_init(self.strategy, rnd, k, received[k].rank, self.shapes, self._glob,
+        inits = {k: client_init(self.strategy, rnd, k, received[k].rank, self.shapes, self._glob,
                                  int(self.train_config["seed"]), torch.device("cpu")) for k in ks}
         out = {key: a for key, a in self.arrays.items() if not key.startswith("g.")}
         sq_norm = 0.0
