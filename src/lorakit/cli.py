@@ -1,4 +1,5 @@
-"""`lorakit <verb>`: train, eval, export, merge, serve, vocab, federate, info, generate, methods.
+"""`lorakit <verb>`: train, eval, export, merge, serve, vocab, federate, select, augment, info, generate,
+methods.
 
 Flags of `train` are generated from `TrainConfig` and from the chosen method's config
 dataclass, so every field is settable from the command line or a YAML/JSON file.
@@ -64,6 +65,18 @@ then, with any OpenAI client:
   lorakit federate --model smollm2-135m --data chichewa --clients 2 --ranks 4,8 --rounds 3 --sparse 0.1
   lorakit federate ... --flower        # the same rounds in Flower's simulation engine (Ray)
 (real multi-machine runs: examples/flower_app/run_local.sh with flower-superlink/supernode)""",
+    "select": """examples:
+  lorakit select --model smollm2-135m --train pool.jsonl --target dev.jsonl --fraction 0.05 --output selected.jsonl
+  lorakit select ... --group-field task --proj-dim 8192 --epochs 4    # LESS defaults: r=128, 4 warm-up epochs
+Writes the selected examples (JSONL) and keeps the gradient datastore, scores and selection.json
+in --work-dir (an interrupted run resumes from its last complete shard).""",
+    "augment": """examples:
+  lorakit augment --seeds seeds.jsonl --pool other1.jsonl --pool other2.jsonl --out new.jsonl --per-seed 2
+  lorakit augment --dedomain --domain hotel=hotel.jsonl --domain taxi=taxi.jsonl --target taxi --out-dir amd2g
+RADA (arXiv:2402.13482): retrieve related pool examples by MiniLM embeddings (FAISS when installed),
+prompt a local LM (SmolLM2-135M-Instruct by default) with them and the seeds, parse, deduplicate and
+filter the generations; writes OUT.jsonl and OUT.jsonl.report.json. --dedomain: AMD²G's
+domain-agnostic stage-1 data (domain terms replaced by <term>) + stage-2 data + terms.json.""",
     "merge": """examples:
   lorakit merge recipe.yaml
 recipe.yaml (mergekit style):
@@ -150,8 +163,9 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     vc.add_argument("--data", default="chichewa", help="built-in corpus (chichewa, kjv) or a text/JSONL path")
     vc.add_argument("--out", required=True, help="output model directory")
     vc.add_argument("--k", type=int, default=1000, help="expand: number of new tokens")
-    vc.add_argument("--init", default="merge", choices=["merge", "mean", "random"],
-                    help="expand: initialisation of the new embedding rows")
+    vc.add_argument("--init", default="merge", choices=["merge", "mean", "random", "transtok"],
+                    help="expand: initialisation of the new embedding rows (transtok: trans-tokenization "
+                         "over the English-Chichewa Bible, arXiv:2408.04303)")
 
     fd = verb("federate", "Federated LoRA fine-tuning across simulated clients (FLoRA, FedAvg; optional Flower).")
     fd.add_argument("--model", default="minilm-l6", help="alias or local HF dir")
@@ -174,6 +188,33 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
 
     mg = verb("merge", "Merge several adapters (any mix of methods and ranks) by a YAML recipe.")
     mg.add_argument("recipe", help="YAML/JSON merge recipe")
+
+    from lorakit.data.less import SelectConfig
+
+    se = verb("select", "Select the training examples most useful for a target task (LESS, arXiv:2402.04333).")
+    se.add_argument("--config", help="YAML/JSON file of SelectConfig keys")
+    add_dataclass_args(se, SelectConfig)
+
+    au = verb("augment", "Generate (RADA) or de-domain (AMD²G) training data with local models.")
+    au.add_argument("--seeds", help="RADA: seed examples (JSONL records or a text file)")
+    au.add_argument("--pool", action="append", default=[], help="RADA: other datasets to retrieve from (repeat)")
+    au.add_argument("--out", help="RADA: output JSONL")
+    au.add_argument("--embedder", default="minilm-l6", help="sentence encoder alias or local HF dir")
+    au.add_argument("--generator", default="smollm2-135m", help="causal LM alias or local HF dir")
+    au.add_argument("--k", type=int, default=4, help="retrieved examples per prompt")
+    au.add_argument("--shots", type=int, default=2, help="other seed examples per prompt")
+    au.add_argument("--per-seed", type=int, default=1, help="prompts per seed")
+    au.add_argument("--index", default="auto", choices=["auto", "faiss", "torch"])
+    au.add_argument("--max-new-tokens", type=int, default=128)
+    au.add_argument("--temperature", type=float, default=0.0)
+    au.add_argument("--dedup-threshold", type=float, default=0.8)
+    au.add_argument("--copy-threshold", type=float, default=0.8)
+    au.add_argument("--seed", type=int, default=0)
+    au.add_argument("--dedomain", action="store_true", help="AMD²G mode: build the two-stage data instead")
+    au.add_argument("--domain", action="append", default=[], metavar="NAME=PATH", help="--dedomain: a domain's data")
+    au.add_argument("--target", help="--dedomain: the domain adapted to in stage 2")
+    au.add_argument("--general", default=None, help="--dedomain: optional general-domain text file")
+    au.add_argument("--out-dir", help="--dedomain: writes stage1.jsonl, stage2.jsonl, terms.json")
     return p
 
 
@@ -207,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser(_method_from_argv(argv)).parse_args(argv)
         return {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "info": cmd_info,
                 "generate": cmd_generate, "methods": cmd_methods, "merge": cmd_merge,
-                "serve": cmd_serve, "vocab": cmd_vocab, "federate": cmd_federate}[args.verb](args)
+                "serve": cmd_serve, "vocab": cmd_vocab, "federate": cmd_federate,
+                "select": cmd_select, "augment": cmd_augment}[args.verb](args)
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
@@ -456,6 +498,55 @@ def cmd_federate(args) -> int:
     return 0
 
 
+def cmd_select(args) -> int:
+    from lorakit.config import from_dict, overrides, read_config_file
+    from lorakit.data.less import SelectConfig, run_select
+
+    data = read_config_file(args.config) if args.config else {}
+    data.update(overrides(args, SelectConfig))
+    cfg = from_dict(SelectConfig, data, where=args.config or "")
+    res = run_select(cfg)
+    print(f"selected {len(res.indices)} of {len(res.scores)} examples -> {cfg.output} "
+          f"(datastore, scores and selection.json in {cfg.work_dir})")
+    return 0
+
+
+def cmd_augment(args) -> int:
+    from lorakit.data import augment
+    from lorakit.errors import ConfigError
+
+    if args.dedomain:
+        if not (args.domain and args.target and args.out_dir):
+            raise ConfigError("augment --dedomain needs --domain NAME=PATH (two or more), --target and --out-dir")
+        domains = {}
+        for item in args.domain:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--domain expects NAME=PATH, got {item!r}")
+            domains[name] = augment.read_records(path)
+        general = [augment.example_text(r) for r in augment.read_records(args.general)] if args.general else ()
+        data = augment.two_stage_datasets(domains, args.target, general=general)
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        augment.write_records(data.stage1, out / "stage1.jsonl")
+        augment.write_records(data.stage2, out / "stage2.jsonl")
+        (out / "terms.json").write_text(json.dumps(data.terms, indent=1, default=str) + "\n")
+        n_terms = {k: len(v) for k, v in data.terms.items()}
+        print(f"stage 1: {len(data.stage1)} de-domained examples, stage 2: {len(data.stage2)} {args.target!r} "
+              f"examples; terms removed per domain {n_terms} -> {out}")
+        return 0
+    if not (args.seeds and args.pool and args.out):
+        raise ConfigError("augment needs --seeds, at least one --pool and --out (or --dedomain)")
+    cfg = augment.RadaConfig(k=args.k, shots=args.shots, per_seed=args.per_seed, index=args.index, seed=args.seed,
+                             filter=augment.FilterConfig(dedup_threshold=args.dedup_threshold,
+                                                         copy_threshold=args.copy_threshold))
+    summary = augment.augment_files(args.seeds, args.pool, args.out, cfg, embedder_model=args.embedder,
+                                    generator_model=args.generator, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, seed=args.seed)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
 def cmd_vocab(args) -> int:
     from lorakit.evaluate import fertility
     from lorakit.fsutil import atomic_dir
@@ -468,7 +559,17 @@ def cmd_vocab(args) -> int:
     if args.action == "expand":
         from lorakit.lang import expand_vocabulary
 
-        model, tok, report = expand_vocabulary(model, tok, texts, k=args.k, init=args.init)
+        if args.init == "transtok":
+            from lorakit.errors import ConfigError
+            from lorakit.lang.transtok import bible_pairs, expand_vocabulary_transtok
+
+            if args.data != "chichewa":
+                raise ConfigError("--init transtok needs a parallel corpus; the built-in one is "
+                                  "English-Chichewa (--data chichewa)")
+            model, tok, report = expand_vocabulary_transtok(model, tok, texts, k=args.k,
+                                                            parallel_pairs=bible_pairs())
+        else:
+            model, tok, report = expand_vocabulary(model, tok, texts, k=args.k, init=args.init)
         summary = f"added {report['n_added']} tokens ({args.init} init)"
     else:
         from lorakit.lang import reduce_vocabulary

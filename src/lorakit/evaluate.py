@@ -70,6 +70,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def fused_head(model: nn.Module):
     """(decoder, weight, bias, softcap) when logits == head(decoder(...)) exactly, else None."""
+    can_generate = getattr(model, "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
+        return None  # not a causal LM (e.g. BertForMaskedLM: its logits are head(transform(h)), unshifted)
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if not isinstance(head, nn.Linear) or not head.weight.dtype.is_floating_point:

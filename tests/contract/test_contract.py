@@ -9,6 +9,7 @@ import torch
 
 import lorakit
 from lorakit.core.registry import list_methods
+from lorakit.errors import AdapterError
 from tests.conftest import TINY_MODELS, logits_of, perturb
 
 METHODS = [m.name for m in list_methods()]
@@ -54,6 +55,16 @@ def test_save_load_round_trip(method, kind, tokens, tmp_path):
 def test_merge_equals_unmerged_and_unmerge_restores(method, kind, tokens):
     model = build(method, kind)
     perturb(model)
+    cls = lorakit.get_method(method).adapter_cls
+    if "insert" in cls.supports or getattr(cls, "mergeable", True) is False:
+        # inserted nonlinear modules / input-dependent updates have no ΔW: merge refuses, model unchanged
+        every = {n: p.detach().clone() for n, p in model.named_parameters()}
+        out = logits_of(model, tokens)
+        with pytest.raises(AdapterError, match="cannot be merged into the base weights"):
+            lorakit.merge(model)
+        assert all(torch.equal(p, every[n]) for n, p in model.named_parameters())
+        torch.testing.assert_close(logits_of(model, tokens), out, rtol=0, atol=0)
+        return
     before = {n: p.detach().clone() for n, p in model.named_parameters() if ".base." in n}
     out = logits_of(model, tokens)
     lorakit.merge(model)

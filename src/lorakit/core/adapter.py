@@ -8,6 +8,17 @@ during training; it only adds to the layer's output:
 `delta_weight()` returns the same update as a dense matrix (d_out, d_in) for merging and
 export, and `to_lora(rank)` gives (A, B, scale) with ΔW ≈ scale·B·A so any method can be
 served or exported as plain LoRA.
+
+A second kind of attachment point, "insert", serves methods that add new modules to the
+network instead of updating a layer (bottleneck adapters, invertible adapters). Such a
+method declares *roles* (`insert_roles(config)`, see `INSERT_ROLES`); the core finds the
+matching sites of each transformer block and hooks them (`lorakit.core.layer.InsertSite`):
+
+    h ← h + adapter.delta(u, h)
+
+where h is the hidden state at the site and u what the adapter reads there (h itself, or
+the LayerNorm of h for post-LN sites). Insert adapters are nonlinear: they cannot be merged
+into base weights or exported as LoRA, and the core refuses both with a clear error.
 """
 
 from __future__ import annotations
@@ -45,15 +56,26 @@ class LayerSpec:
     """
 
     name: str  # module path in the model, e.g. "model.layers.0.self_attn.q_proj"
-    kind: str  # "linear" | "embedding"
-    in_features: int  # d_in (num_embeddings for embeddings)
-    out_features: int  # d_out (embedding_dim for embeddings)
+    kind: str  # "linear" | "embedding" | "insert"
+    in_features: int  # d_in (num_embeddings for embeddings; hidden size d for insert sites)
+    out_features: int  # d_out (embedding_dim for embeddings; hidden size d for insert sites)
     dtype: torch.dtype
     device: torch.device
     weight: typing.Callable[[], torch.Tensor]
     embedding_kwargs: dict = field(default_factory=dict)  # padding_idx, max_norm, ...
     bias: typing.Callable[[], torch.Tensor | None] = lambda: None  # live base bias (d_out,) or None
+    role: str = ""  # insert sites only: one of INSERT_ROLES
 
+
+#: Where an "insert" method can attach (resolved per architecture by `lorakit.core.inject.find_sites`):
+#:   "attn_output":  the attention sub-layer's output, before the residual add (Houlsby's first adapter)
+#:   "ffn_output":   the feed-forward sub-layer's output, before the residual add (Houlsby's second)
+#:   "ffn_residual": after the FFN, on the residual stream (Pfeiffer): the block output of pre-LN
+#:                   blocks; for post-LN blocks (BERT) the adapter reads LN(s) of the FFN's
+#:                   residual sum s and adds to s before that LayerNorm (AdapterHub's placement)
+#:   "embed":        the embedding output entering the first block; where the model has output
+#:                   embeddings (an LM head) the same adapter's `delta_head` runs on the head's input
+INSERT_ROLES = ("attn_output", "ffn_output", "ffn_residual", "embed")
 
 @dataclass
 class AdapterConfig:
@@ -128,7 +150,7 @@ class Adapter(Protocol):
     method: ClassVar[str]
     #: True when a freshly built adapter leaves the layer output unchanged (delta == 0).
     zero_init: ClassVar[bool]
-    #: Layer kinds it can attach to ("linear", "embedding").
+    #: Layer kinds it can attach to ("linear", "embedding") or ("insert",).
     supports: ClassVar[tuple[str, ...]]
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -149,3 +171,9 @@ class Adapter(Protocol):
     #   data_init(cls, model, name, config, batches) -> None: data-aware initialisation run
     #       by `train()` after injection and before training; `batches(n)` returns the first
     #       n training batches (dicts of tensors, as the model's forward takes them).
+    #   mergeable: ClassVar[bool] — False for methods with no weight update (e.g. per-token routed
+    #       mixtures): `lorakit.merge` refuses up front with the method's delta_weight() error.
+    #   insert_roles(cls, config) -> tuple[str, ...]: required with supports = ("insert",): the
+    #       INSERT_ROLES the method attaches to; `delta(u, h)` then gets u (what the adapter reads,
+    #       (..., d)) and h (the hidden state it adds to, (..., d)). Role "embed" also calls
+    #       `delta_head(u, h)` on the LM head's input (e.g. the inverse of an invertible adapter).

@@ -7,6 +7,12 @@ Target matching follows PEFT so configs carry over:
 - a string without regex characters: the same as a one-element list;
 - any other string: a regular expression that must fully match the module path.
 
+Methods that insert new modules (`supports = ("insert",)`) attach to *sites* instead: the
+method names roles (`INSERT_ROLES`), `find_sites` resolves them per architecture (Llama family,
+GPT-2, BERT family) and `target` selects blocks ("all", or a block path / list / regex such as
+r"model\\.layers\\.(0|1)"). Sites are driven by forward hooks (`InsertSite`), never by replacing
+modules, so they combine freely with LoRA-style adapters on the same model.
+
 Injection is all-or-nothing: every adapter is built first, and the model is only modified
 once all of them exist, so a bad config leaves the model untouched.
 """
@@ -21,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorakit.core.adapter import AdapterConfig, check_adapter_name
-from lorakit.core.layer import AdaptedLayer, wrapper_for
+from lorakit.core.adapter import INSERT_ROLES, AdapterConfig, check_adapter_name
+from lorakit.core.layer import AdaptedLayer, InsertSite, Site, SiteHook, wrapper_for
 from lorakit.core.registry import method_for_config
 from lorakit.errors import AdapterError, ConfigError
 
@@ -144,10 +150,142 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     return chosen
 
 
+# -- insertion sites ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Family:
+    """Where the insertion roles sit in one architecture family's transformer blocks."""
+
+    name: str
+    layers: str  # path of the block list inside the backbone
+    has: tuple[str, ...]  # attributes every block has
+    roles: dict  # role -> (path inside the block, hook mode)
+    embed: str  # path of the embedding-output module inside the backbone
+
+
+_FAMILIES = (
+    # Llama, Mistral, Qwen2, Gemma, SmolLM2 (pre-LN; blocks return the residual stream)
+    _Family("llama", "layers", ("self_attn", "mlp", "post_attention_layernorm"),
+            {"attn_output": ("self_attn", "output"), "ffn_output": ("mlp", "output"),
+             "ffn_residual": ("", "output")}, embed="embed_tokens"),
+    # GPT-2 (pre-LN; token + position embeddings meet in `drop`)
+    _Family("gpt2", "h", ("attn", "mlp", "ln_1", "ln_2"),
+            {"attn_output": ("attn", "output"), "ffn_output": ("mlp", "output"),
+             "ffn_residual": ("", "output")}, embed="drop"),
+    # BERT, mBERT, RoBERTa, XLM-R (post-LN: sub-layer outputs meet the residual inside LayerNorm)
+    _Family("bert", "encoder.layer", ("attention", "intermediate", "output"),
+            {"attn_output": ("attention.output.dropout", "output"), "ffn_output": ("output.dropout", "output"),
+             "ffn_residual": ("output.LayerNorm", "norm")}, embed="embeddings"),
+)
+
+
+def _find_blocks(model: nn.Module) -> tuple[_Family, str, list[str]]:
+    """(family, backbone path, block paths) of the model's transformer blocks."""
+    found = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        for fam in _FAMILIES:
+            if (path == fam.layers or path.endswith("." + fam.layers)) and all(
+                    all(hasattr(block, a) for a in fam.has) for block in module):
+                found.append((fam, path[: -len(fam.layers)].rstrip("."), [f"{path}.{i}" for i in range(len(module))]))
+    if len(found) != 1:
+        what = "no transformer blocks of a known family" if not found else \
+            f"{len(found)} block lists ({', '.join(f[0].name + ' at ' + (f[1] or '<root>') for f in found)})"
+        raise ConfigError(
+            f"cannot place inserted adapters in {type(model).__name__}: found {what}; supported: "
+            "Llama family (model.layers[i].self_attn/mlp), GPT-2 (transformer.h[i].attn/mlp), "
+            "BERT family (encoder.layer[i].attention/output)")
+    return found[0]
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _module_path(model: nn.Module, module: nn.Module | None) -> str | None:
+    if module is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is module), None)
+
+
+def find_sites(model: nn.Module, roles, target="all") -> dict[str, Site]:
+    """Holder path -> `Site` for each requested role in each selected block (+ the embeddings).
+
+    `target` selects blocks: "all", or a block path / list of paths (suffix match, e.g.
+    ["layers.0", "layers.1"]) / regex (full match, e.g. r"model\\.layers\\.[0-5]"). The "embed"
+    role is not block-bound and is always placed when requested.
+    """
+    roles = tuple(roles)
+    bad = [r for r in roles if r not in INSERT_ROLES]
+    if bad or not roles:
+        raise ConfigError(f"insert roles must be a non-empty subset of {INSERT_ROLES}, got {roles}")
+    fam, backbone, blocks = _find_blocks(model)
+    chosen = blocks if target == "all" else match_targets(blocks, target)
+    if not chosen and any(r != "embed" for r in roles):
+        raise ConfigError(f"target {target!r} matched no transformer block; blocks are {blocks[:3]} ... "
+                          f"({len(blocks)} in all), or use 'all'")
+    d = getattr(getattr(model, "config", None), "hidden_size", None)
+    first = next((p for p in model.get_submodule(blocks[0]).parameters() if p.is_floating_point()), None)
+    if not isinstance(d, int) or first is None:
+        raise ConfigError(f"cannot determine the hidden size of {type(model).__name__} (config.hidden_size)")
+    sites: dict[str, Site] = {}
+    for role in roles:
+        if role == "embed":
+            hooks = [SiteHook(_join(backbone, fam.embed), "output")]
+            get_out = getattr(model, "get_output_embeddings", None)
+            head = _module_path(model, get_out() if callable(get_out) else None)
+            if head is not None:  # an LM head: the same adapter runs again on the head's input
+                hooks.append(SiteHook(head, "input", "delta_head"))
+            site_list = [Site(role, tuple(hooks), d, first.dtype, first.device)]
+        else:
+            sub, mode = fam.roles[role]
+            site_list = [Site(role, (SiteHook(_join(b, sub), mode),), d, first.dtype, first.device) for b in chosen]
+        for site in site_list:
+            model.get_submodule(site.hooks[0].path)  # every hooked module must exist
+            sites[site.path] = site
+    return sites
+
+
+def _attach_site(model: nn.Module, site: Site) -> InsertSite:
+    """The holder of `site`, created and hooked if it does not exist yet."""
+    owner = model.get_submodule(site.hooks[0].path)
+    holder = getattr(owner, site.attr, None)
+    if isinstance(holder, InsertSite):
+        return holder
+    holder = InsertSite(site).train(owner.training)
+    owner.add_module(site.attr, holder)
+    for i, hk in enumerate(site.hooks):
+        holder.hook(model.get_submodule(hk.path), i)
+    return holder
+
+
+def _detach_site(model: nn.Module, holder: InsertSite) -> None:
+    for hk in holder.site.hooks:
+        holder.unhook(model.get_submodule(hk.path))
+    delattr(model.get_submodule(holder.site.hooks[0].path), holder.site.attr)
+
+
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attr, new)
+
+
+def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at `path` (wrap or unwrap a layer); insertion sites hooked on the old module
+    (e.g. an LM head or embedding that a LoRA now wraps) move to the new one, holder included."""
+    old = model.get_submodule(path)
+    sites = [s for s in adapted_layers(model).values() if isinstance(s, InsertSite)]
+    moved = [(s, i) for s in sites for i, hk in enumerate(s.site.hooks) if hk.path == path]
+    for s, _ in moved:
+        s.unhook(old)
+    for attr, child in list(old.named_children()):
+        if isinstance(child, InsertSite):
+            delattr(old, attr)
+            new.add_module(attr, child)
+    _set_submodule(model, path, new)
+    for s, i in moved:
+        s.hook(new, i)
 
 
 # -- inject / eject ----------------------------------------------------------------------
@@ -157,7 +295,8 @@ class InjectionPlan:
 
     name: str
     config: AdapterConfig
-    adapters: dict[str, nn.Module]  # module path -> adapter
+    adapters: dict[str, nn.Module]  # module path -> adapter (holder path for insert sites)
+    sites: dict[str, Site] = field(default_factory=dict)  # holder path -> site, insert methods only
 
 
 def plan_injection(model: nn.Module, config: AdapterConfig, name: str = "default") -> InjectionPlan:
@@ -171,6 +310,8 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str = "default
     for k in config.modules_to_save or []:
         if not any(name_matches(n, [k]) for n, _ in model.named_modules()):
             raise ConfigError(f"modules_to_save entry {k!r} matches no module in the model")
+    if "insert" in spec.adapter_cls.supports:
+        return _plan_sites(model, config, name, spec)
     adapters = {}
     for path in find_targets(model, config):
         module = model.get_submodule(path)
@@ -185,13 +326,30 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str = "default
     return InjectionPlan(name, config, adapters)
 
 
+def _plan_sites(model: nn.Module, config: AdapterConfig, name: str, spec) -> InjectionPlan:
+    roles = spec.adapter_cls.insert_roles(config)
+    sites = find_sites(model, roles, config.target)
+    adapters = {}
+    for hpath, site in sites.items():
+        existing = getattr(model.get_submodule(site.hooks[0].path), site.attr, None)
+        if existing is not None and not (isinstance(existing, InsertSite) and existing.site.hooks == site.hooks):
+            raise AdapterError(f"{hpath} already exists and is not a matching insertion site")
+        adapter = spec.adapter_cls(InsertSite(site).spec(hpath), config)
+        adapter.train(model.get_submodule(site.hooks[0].path).training)
+        adapters[hpath] = adapter.to(device=site.device)
+    return InjectionPlan(name, config, adapters, sites)
+
+
 def apply_plan(model: nn.Module, plan: InjectionPlan, activate: bool = True) -> nn.Module:
     """Attach planned adapters (cannot fail half-way: all checks happened in planning)."""
     for path, adapter in plan.adapters.items():
-        module = model.get_submodule(path)
-        if not isinstance(module, AdaptedLayer):
-            module = wrapper_for(module)(module).train(module.training)
-            _set_submodule(model, path, module)
+        if path in plan.sites:
+            module = _attach_site(model, plan.sites[path])
+        else:
+            module = model.get_submodule(path)
+            if not isinstance(module, AdaptedLayer):
+                module = wrapper_for(module)(module).train(module.training)
+                _replace_module(model, path, module)
         module.adapters[plan.name] = adapter
     st = state(model)
     st.configs[plan.name] = plan.config
@@ -262,7 +420,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in layer.adapters:
             del layer.adapters[name]
         if len(layer.adapters) == 0:
-            _set_submodule(model, path, layer.base)
+            if isinstance(layer, InsertSite):
+                _detach_site(model, layer)
+            else:
+                _replace_module(model, path, layer.base)
     del state(model).configs[name]
 
 
@@ -287,10 +448,23 @@ def merge(model: nn.Module, names=None) -> nn.Module:
     """Fold the given (default: active) adapters into the base weights. Idempotent."""
     names = state(model).active if names is None else _check_known(model, names)
     layers = list(adapted_layers(model).values())
-    quantized = [layer for layer in layers if getattr(layer.base, "lorakit_quantized", False)
+    quantized = [layer for layer in layers if getattr(getattr(layer, "base", None), "lorakit_quantized", False)
                  and any(n in layer.adapters for n in names)]
     if quantized:  # checked up front: never leave the model half merged
         quantized[0].merge(names)  # raises the explanatory AdapterError
+    declared = [layer.adapters[n] for layer in layers if not isinstance(layer, InsertSite) for n in names
+                if n in layer.adapters and n not in layer.merged and getattr(layer.adapters[n], "mergeable", True) is False]
+    if declared:  # methods without a weight update (mergeable = False): their own explanation, before any change
+        declared[0].delta_weight()
+        raise AdapterError(f"method {declared[0].method!r} has no weight update: it cannot be merged into the base "
+                           "weights; keep it unmerged")
+    inserted = sorted({n for layer in layers if isinstance(layer, InsertSite) for n in names if n in layer.adapters})
+    if inserted:
+        configs = state(model).configs
+        raise AdapterError(
+            f"adapter {inserted[0]!r} (method {configs[inserted[0]].method!r}) inserts nonlinear modules into the "
+            "network; it cannot be merged into the base weights. Keep it unmerged (outputs are the same), "
+            "or merge only the linear adapters: lorakit.merge(model, names=[...])")
     for layer in layers:
         layer.merge(names)
     return model

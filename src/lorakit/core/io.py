@@ -5,7 +5,10 @@ Layout of a saved adapter directory:
                                "lorakit" section: method, full config, adapted modules,
                                base model id and a hash of its config
     adapter_model.safetensors  tensors named "base_model.model.<module path>.<param>",
-                               e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+                               e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+                               inserted adapters (bottleneck, invertible: no PEFT equivalent) use
+                               their insertion site as the module path, e.g.
+                               "base_model.model.model.layers.0.lorakit_ffn_residual.adapter_up.weight"
 
 Writes are atomic: both files are written and fsynced into a hidden temporary directory
 that is then renamed into place, so a process killed mid-save leaves either the old adapter
@@ -36,7 +39,7 @@ from lorakit.core.inject import (
     plan_injection,
     state,
 )
-from lorakit.core.layer import AdaptedConv1D
+from lorakit.core.layer import AdaptedConv1D, InsertSite
 from lorakit.core.registry import get_method
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError
 from lorakit.fsutil import atomic_dir
@@ -340,6 +343,11 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     st = state(model)
     if name not in st.configs:
         raise AdapterError(f"unknown adapter {name!r}; this model has {sorted(st.configs) or 'no adapters'}")
+    inserted = [p for p, layer in adapted_layers(model).items() if isinstance(layer, InsertSite) and name in layer.adapters]
+    if inserted:
+        raise ConfigError(
+            f"adapter {name!r} (method {st.configs[name].method!r}) inserts new nonlinear modules ({len(inserted)} "
+            f"sites, e.g. {inserted[0]}); PEFT's LoRA format cannot express it. Save it with lorakit.save instead.")
     tensors, ranks, leaf_kinds = {}, {}, {}
     for p, layer in adapted_layers(model).items():
         if name not in layer.adapters:

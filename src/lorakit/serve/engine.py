@@ -177,6 +177,18 @@ class ServingLinear(nn.Module):
         self.routing = routing
         self.a: dict[int, torch.Tensor] = {}
         self.b: dict[int, torch.Tensor] = {}
+        # the per-row factors gathered for the last plan: a decode plan lives for many steps
+        # (until a request joins or leaves), so each step skips the gather copies
+        self._gathered: tuple[_Plan | None, dict] = (None, {})
+
+    def _factors(self, plan: _Plan, g: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cached_plan, cache = self._gathered
+        if cached_plan is not plan:
+            cache = {}
+            self._gathered = (plan, cache)
+        if g not in cache:
+            cache[g] = (self.a[g].index_select(0, slots), self.b[g].index_select(0, slots))
+        return cache[g]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
@@ -191,8 +203,7 @@ class ServingLinear(nn.Module):
         for g, rows, slots, modules in plan.groups:
             if self.path not in modules:  # no adapter of this group adapts this layer
                 continue
-            a = self.a[g].index_select(0, slots)  # (n, d_in, r_g)
-            b = self.b[g].index_select(0, slots)  # (n, r_g, d_out)
+            a, b = self._factors(plan, g, slots)  # (n, d_in, r_g), (n, r_g, d_out)
             xs = x if rows is None else x.index_select(0, rows)  # (n, L, d_in)
             y = torch.bmm(torch.bmm(xs.to(a.dtype), a), b).to(out.dtype)  # (n, L, r_g) -> (n, L, d_out)
             out = out + y if rows is None else out.index_add(0, rows, y)
