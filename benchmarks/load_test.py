@@ -225,6 +225,8 @@ def main(argv=None) -> int:
     failed_valid = sum(r["unexpected"] for r in rows if r["kind"] in VALID)
     bad_not_4xx = sum(r["unexpected"] for r in rows if r["kind"] not in VALID)
     rss_end, rss_peak = rss[-1][1], max(v for _, v in rss)
+    half = rss[len(rss) // 2][1]  # growth over the second half of the run: ~0 once the working set is reached
+
     print("| request kind | sent | as expected | unexpected | status codes | p50 (s) | p95 (s) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -236,11 +238,12 @@ def main(argv=None) -> int:
     print(f"valid requests failed: {failed_valid}; bad requests not answered 4xx: {bad_not_4xx}; "
           f"{valid_done / args.duration:.2f} valid requests/s")
     print(f"server RSS: {rss_start:.0f} MB after warm-up, peak {rss_peak:.0f} MB, end {rss_end:.0f} MB "
-          f"({rss_end - rss_start:+.0f} MB)")
+          f"({rss_end - rss_start:+.0f} MB; second half of the run {rss_end - half:+.0f} MB)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "load_test", "failed_valid_requests": failed_valid, "bad_requests_not_4xx": bad_not_4xx,
                "rss_start_mb": rss_start, "rss_peak_mb": rss_peak, "rss_end_mb": rss_end,
+               "rss_second_half_growth_mb": rss_end - half,
                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "cpu_count": os.cpu_count()},
                "settings": {k: v for k, v in vars(args).items() if k != "out"}, "kinds": rows,

@@ -22,7 +22,9 @@ Python process, so its memory is its own:
                     groups and MLP channels (layers 2..27, cubic schedule); the merged, pruned
                     model is evaluated
 
-Measured per variant: peak RSS of the training steps alone (Linux VmHWM, reset after set-up:
+Every variant runs with tcmalloc preloaded when it is installed (as `lorakit train` does; with
+glibc the resident set of any PyTorch CPU training process grows with fragmentation over the
+steps, see benchmarks/train_step.py). Measured per variant: peak RSS of the training steps alone (Linux VmHWM, reset after set-up:
 model load, quantization and pruning are set-up) and of the whole process, optimizer-state
 bytes (every tensor in ``optimizer.state``, from ``lorakit.optim.state_bytes``), trainable
 parameters, median step time, training loss, and held-out bits-per-byte after training.
@@ -245,7 +247,13 @@ def spawn(a, variant: str) -> dict:
                "--model", a.model, "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq),
                "--r", str(a.r), "--galore-rank", str(a.galore_rank), "--frugal-density", str(a.frugal_density),
                "--prune-ratio", str(a.prune_ratio), "--seed", str(a.seed)] + (["--lr", str(a.lr)] if a.lr else [])
-        env = {k: val for k, val in os.environ.items() if k != "LD_PRELOAD"}  # glibc malloc for every variant
+        env = dict(os.environ)  # every variant with the allocator `lorakit train` uses (tcmalloc when installed):
+        sys.path.insert(0, str(HERE.parent / "src"))  # glibc's RSS grows with fragmentation over the steps
+        from lorakit.allocator import tcmalloc_path  # torch-free import
+
+        env.pop("LD_PRELOAD", None)
+        if tcmalloc_path():
+            env["LD_PRELOAD"] = tcmalloc_path()
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, env=env)
         if proc.returncode != 0 or not out.exists():
