@@ -12,6 +12,7 @@ Python process, so its memory is its own:
     lisa            full-parameter, LISA: embeddings + head always, 2 sampled layers every 20 steps
     int8-lora       frozen base quantized to int8 (per-group 64) + LoRA r=8
     int4-lora       ... int4                     (target: peak <= 30% of full-adamw's)
+    int4-lora-gc    int4 + LoRA with gradient checkpointing (activations recomputed in backward)
     int2-lora       ... int2
     int4-lora-lrec  int4 + LoRA trained with CE + KL to the fp32 model's logits (LREC; the fp32
                     teacher is in memory during training)
@@ -57,7 +58,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 VARIANTS = ("full-adamw", "lora", "galore", "frugal", "lisa", "int8-lora", "int4-lora", "int2-lora",
-            "int4-lora-lrec", "int2-lora-lrec", "loram", "loraprune")
+            "int4-lora-lrec", "int2-lora-lrec", "loram", "loraprune", "int4-lora-gc")
 PRUNE_LAYERS = list(range(2, 28))  # LoRAM / LoRAPrune leave the first two and last two layers whole
 
 
@@ -98,14 +99,17 @@ def vm(field: str) -> float | None:
 
 
 def release_and_reset_peak() -> None:
-    """Give freed heap back to the OS (glibc), then make VmHWM = current RSS."""
-    gc.collect()
-    try:
-        import ctypes
+    """Give freed heap back to the OS (glibc's malloc_trim, tcmalloc's ReleaseFreeMemory: e.g.
+    the fp32 weights a quantized or pruned variant dropped), then make VmHWM = current RSS."""
+    import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    gc.collect()
+    for lib, fn in ((None, "MallocExtension_ReleaseFreeMemory"), ("libc.so.6", "malloc_trim")):
+        try:
+            f = getattr(ctypes.CDLL(lib), fn)
+        except (OSError, AttributeError):
+            continue
+        f(0) if fn == "malloc_trim" else f()
     Path("/proc/self/clear_refs").write_text("5")
 
 
@@ -161,6 +165,8 @@ def run_child(a) -> dict:
         model = small
         result["pruned_params"] = sum(p.numel() for p in model.parameters())
 
+    if v.endswith("-gc"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if full:
         full_params(model)
         if v == "lisa":
