@@ -149,3 +149,29 @@ def text_file(tmp_path_factory):
     f = tmp_path_factory.mktemp("data") / "train.txt"
     f.write_text("\n\n".join(CORPUS * 40))
     return f
+
+
+# -- optimizer tests (GaLore, FRUGAL) -------------------------------------------------------
+def lsq_problem(m, n, seed=0):
+    """(W0 (m, n), loss(W)): a seeded least-squares problem for optimizer comparisons."""
+    g = torch.Generator().manual_seed(seed)
+    W0, X, Y = torch.randn(m, n, generator=g), torch.randn(7, n, generator=g), torch.randn(7, m, generator=g)
+    return W0, lambda W: ((X @ W.T - Y) ** 2).sum()
+
+
+def run_steps(opt, params, loss_fn, steps):
+    """`steps` optimizer steps of loss_fn(*params)."""
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(*params).backward()
+        opt.step()
+
+
+def lm_batches(n, seed=1):
+    """n seeded (2, 12) batches of token ids below 128 (the tiny models' vocabulary)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (2, 12), generator=g) for _ in range(n)]
+
+
+def lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss

@@ -15,32 +15,12 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.optim.frugal import FrugalAdamW, frugal_param_groups, select_blocks, state_bytes, subspace_size
 from lorakit.optim.galore import GaLoreAdamW
-from tests.conftest import tiny_llama
+from tests.conftest import lm_batches, lm_loss, lsq_problem, run_steps, tiny_llama
 
 F32, I64 = 4, 8
 PROJECTIONS = ["blocks", "svd", "random", "columns"]
 
 
-def lsq_problem(m, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    W0, X, Y = torch.randn(m, n, generator=g), torch.randn(7, n, generator=g), torch.randn(7, m, generator=g)
-    return W0, lambda W: ((X @ W.T - Y) ** 2).sum()
-
-
-def run(opt, params, loss_fn, steps):
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_fn(*params).backward()
-        opt.step()
-
-
-def lm_batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 128, (2, 12), generator=g) for _ in range(n)]
-
-
-def lm_loss(model, ids):
-    return model(input_ids=ids, labels=ids).loss
 
 
 def active_blocks(opt, group=0):
@@ -56,8 +36,8 @@ def test_density_one_blocks_is_torch_adamw():
     opt = FrugalAdamW(frugal_param_groups(model), density=1.0, **kw)
     ref = torch.optim.AdamW(ref_model.parameters(), foreach=False, **kw)
     for ids in lm_batches(5):
-        run(opt, [model, ids], lm_loss, 1)
-        run(ref, [ref_model, ids], lm_loss, 1)
+        run_steps(opt, [model, ids], lm_loss, 1)
+        run_steps(ref, [ref_model, ids], lm_loss, 1)
         assert len(active_blocks(opt)) == len(opt.param_groups[0]["params"])
     for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
@@ -69,8 +49,8 @@ def test_density_one_svd_is_galore_at_full_rank():
     GaLore at full rank with scale 1 (no refresh inside the run, so resetting plays no part)."""
     W0, loss = lsq_problem(6, 10)
     a, b = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
-    run(FrugalAdamW([a], lr=2e-2, density=1.0, projection="svd", weight_decay=0.05), [a], loss, 5)
-    run(GaLoreAdamW([b], lr=2e-2, rank=6, scale=1.0, weight_decay=0.05), [b], loss, 5)
+    run_steps(FrugalAdamW([a], lr=2e-2, density=1.0, projection="svd", weight_decay=0.05), [a], loss, 5)
+    run_steps(GaLoreAdamW([b], lr=2e-2, rank=6, scale=1.0, weight_decay=0.05), [b], loss, 5)
     assert torch.allclose(a, b, atol=1e-6)
     assert not torch.allclose(a, W0)
 
@@ -85,7 +65,7 @@ def test_density_zero_is_signsgd(projection):
                       update_gap=2)
     ref = W0.clone().requires_grad_(True)
     for _ in range(4):
-        run(opt, [w], loss, 1)
+        run_steps(opt, [w], loss, 1)
         g, = torch.autograd.grad(loss(ref), ref)
         with torch.no_grad():
             ref = (ref * (1 - lr * wd) - lr * scale * g.sign()).requires_grad_(True)
@@ -104,7 +84,7 @@ def test_state_free_part_is_sign_of_the_residual(projection):
     for free in (1.0, 0.0):
         w = torch.nn.Parameter(W0.clone())
         opt = FrugalAdamW([w], lr=lr, density=0.3, projection=projection, state_free_lr_scale=free)
-        run(opt, [w], loss, 1)
+        run_steps(opt, [w], loss, 1)
         ws.append(w.detach())
     P = opt.state[w]["projector"]  # m = 10 <= n = 16: left side, P (m×r), r = round(0.3·10) = 3
     assert P.shape == (10, 3) and torch.allclose(P.T @ P, torch.eye(3), atol=1e-5)
@@ -113,7 +93,7 @@ def test_state_free_part_is_sign_of_the_residual(projection):
     assert torch.allclose(ws[0] - ws[1], -lr * (G - P @ (P.T @ G)).sign(), atol=1e-6)
     if projection == "svd":
         g = torch.nn.Parameter(W0.clone())
-        run(GaLoreAdamW([g], lr=lr, rank=3, scale=1.0), [g], loss, 1)
+        run_steps(GaLoreAdamW([g], lr=lr, rank=3, scale=1.0), [g], loss, 1)
         assert torch.allclose(ws[1], g, atol=1e-6)
 
 
@@ -121,9 +101,9 @@ def test_svd_without_reset_and_state_free_step_is_galore():
     """The reference's GaLore baseline: reset_state=False, no state-free update, scale = s."""
     W0, loss = lsq_problem(12, 8, seed=4)
     a, b = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
-    run(FrugalAdamW([a], lr=1e-2, density=0.5, projection="svd", update_gap=3, reset_state=False,
+    run_steps(FrugalAdamW([a], lr=1e-2, density=0.5, projection="svd", update_gap=3, reset_state=False,
                     state_full_lr_scale=0.25, state_free_lr_scale=0.0), [a], loss, 8)
-    run(GaLoreAdamW([b], lr=1e-2, rank=4, update_proj_gap=3, scale=0.25), [b], loss, 8)
+    run_steps(GaLoreAdamW([b], lr=1e-2, rank=4, update_proj_gap=3, scale=0.25), [b], loss, 8)
     assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -132,7 +112,7 @@ def test_columns_update_splits_columns():
     W0, loss = lsq_problem(6, 20, seed=5)
     w = torch.nn.Parameter(W0.clone())
     opt = FrugalAdamW([w], lr=1e-2, density=0.25, projection="columns", state_free_lr_scale=0.1, eps=0.0)
-    run(opt, [w], loss, 1)
+    run_steps(opt, [w], loss, 1)
     cols = opt.state[w]["columns"]
     assert cols.dtype == torch.long and cols.tolist() == sorted(cols.tolist()) and len(cols) == 5
     x = W0.clone().requires_grad_(True)
@@ -158,7 +138,7 @@ def test_frozen_parameters_are_bit_identical(projection):
     groups[1]["params"] += [frozen[2], frozen[3]]
     opt = FrugalAdamW(groups, lr=1e-2, density=0.5, update_gap=2, projection=projection, weight_decay=0.1)
     for ids in lm_batches(5):
-        run(opt, [model, ids], lm_loss, 1)
+        run_steps(opt, [model, ids], lm_loss, 1)
         for p in frozen:
             assert p.grad is None
         if projection == "blocks":  # ρ of the 12 *trainable* projectable tensors, never a frozen one
@@ -180,7 +160,7 @@ def test_state_bytes_match_formula(shape, projection):
     W0, loss = lsq_problem(m, n)
     w = torch.nn.Parameter(W0.clone())
     opt = FrugalAdamW([w], density=0.25, projection=projection)
-    run(opt, [w], loss, 2)
+    run_steps(opt, [w], loss, 2)
     if projection == "columns":
         K = round(0.25 * n)
         assert subspace_size(shape, projection, 0.25) == K
@@ -198,14 +178,14 @@ def test_model_state_bytes_blocks_formula_and_vs_adamw():
     frugal, regular = groups[0]["params"], groups[1]["params"]
     assert len(frugal) == 14  # 7 linear weights × 2 layers; embeddings, head, norms stay AdamW
     opt = FrugalAdamW(groups, lr=1e-3)  # defaults: blocks, ρ = 0.25
-    run(opt, [model, lm_batches(1)[0]], lm_loss, 1)
+    run_steps(opt, [model, lm_batches(1)[0]], lm_loss, 1)
     active = active_blocks(opt)
     assert len(active) == round(0.25 * 14) == 4
     expected = F32 * 2 * (sum(frugal[i].numel() for i in active) + sum(p.numel() for p in regular))
     assert state_bytes(opt) == expected
 
     ref = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    run(ref, [model, lm_batches(1)[0]], lm_loss, 1)
+    run_steps(ref, [model, lm_batches(1)[0]], lm_loss, 1)
     assert state_bytes(ref) == F32 * (2 * sum(p.numel() for p in model.parameters()) + len(list(model.parameters())))
     assert state_bytes(opt) < 0.75 * state_bytes(ref)
 
@@ -216,7 +196,7 @@ def collect_blocks(seed, steps=8, T=3, order="random"):
     opt = FrugalAdamW(frugal_param_groups(model), lr=1e-3, update_gap=T, seed=seed, block_order=order)
     seq, adam_steps = [], []
     for ids in lm_batches(steps):
-        run(opt, [model, ids], lm_loss, 1)
+        run_steps(opt, [model, ids], lm_loss, 1)
         seq.append(active_blocks(opt))
         adam_steps.append(opt.state[opt.param_groups[0]["params"][seq[-1][0]]]["step"])
     return seq, adam_steps
@@ -298,14 +278,14 @@ def test_state_dict_round_trip_continues_identically(projection):
     a = torch.nn.Parameter(W0.clone())
     kw = {"lr": 1e-2, "density": 0.5, "update_gap": 4, "projection": projection}
     opt = FrugalAdamW([a, torch.nn.Parameter(torch.zeros(3, 3))], **kw)
-    run(opt, [a], loss, 2)
+    run_steps(opt, [a], loss, 2)
     b = torch.nn.Parameter(a.detach().clone())
     opt_b = FrugalAdamW([b, torch.nn.Parameter(torch.zeros(3, 3))], **kw)
     opt_b.load_state_dict(copy.deepcopy(opt.state_dict()))
     if projection == "columns":
         assert opt_b.state[b]["columns"].dtype == torch.long
-    run(opt, [a], loss, 5)  # crosses a refresh at step 4
-    run(opt_b, [b], loss, 5)
+    run_steps(opt, [a], loss, 5)  # crosses a refresh at step 4
+    run_steps(opt_b, [b], loss, 5)
     assert torch.equal(a, b)
 
 

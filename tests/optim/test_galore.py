@@ -11,31 +11,11 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.optim import GaLoreAdamW, galore, galore_param_groups, galore_per_layer, state_bytes
-from tests.conftest import tiny_llama
+from tests.conftest import lm_batches, lm_loss, lsq_problem, run_steps, tiny_llama
 
 F32 = 4
 
 
-def lsq_problem(m, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    W0, X, Y = torch.randn(m, n, generator=g), torch.randn(7, n, generator=g), torch.randn(7, m, generator=g)
-    return W0, lambda W: ((X @ W.T - Y) ** 2).sum()
-
-
-def run(opt, params, loss_fn, steps):
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_fn(*params).backward()
-        opt.step()
-
-
-def lm_batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 128, (2, 12), generator=g) for _ in range(n)]
-
-
-def lm_loss(model, ids):
-    return model(input_ids=ids, labels=ids).loss
 
 
 # -- state size ---------------------------------------------------------------------------------
@@ -47,7 +27,7 @@ def test_state_size_matches_formula(shape, proj_type):
     W0, loss = lsq_problem(m, n)
     w = torch.nn.Parameter(W0.clone())
     opt = GaLoreAdamW([w], rank=r, proj_type=proj_type)
-    run(opt, [w], loss, 1)
+    run_steps(opt, [w], loss, 1)
     st = opt.state[w]
     left = (m <= n) == (proj_type == "std")  # std projects the smaller side: moments r x max(m, n)
     assert st["exp_avg"].shape == st["exp_avg_sq"].shape == ((r, n) if left else (m, r))
@@ -61,13 +41,13 @@ def test_model_state_is_smaller_than_adamw():
     model = tiny_llama()
     groups = galore_param_groups(model)
     opt = GaLoreAdamW(groups, lr=1e-3, rank=r)
-    run(opt, [model, lm_batches(1)[0]], lm_loss, 1)
+    run_steps(opt, [model, lm_batches(1)[0]], lm_loss, 1)
     expected = sum(F32 * (2 * r * max(p.shape) + r * min(p.shape)) for p in groups[0]["params"])
     expected += sum(F32 * 2 * p.numel() for p in groups[1]["params"])
     assert state_bytes(opt) == expected
 
     ref = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    run(ref, [model, lm_batches(1)[0]], lm_loss, 1)
+    run_steps(ref, [model, lm_batches(1)[0]], lm_loss, 1)
     n_params = len(list(model.parameters()))  # torch keeps a float32 `step` tensor per parameter
     assert state_bytes(ref) == F32 * (2 * sum(p.numel() for p in model.parameters()) + n_params)
     assert state_bytes(opt) < state_bytes(ref)
@@ -108,8 +88,8 @@ def test_identity_basis_at_full_rank_is_torch_adamw(shape, monkeypatch):
     opt = GaLoreAdamW([a, ab], rank=min(m, n), update_proj_gap=1, scale=1.0, **kw)
     ref = torch.optim.AdamW([w, wb], foreach=False, **kw)
     f = lambda W, b: loss(W) + (b ** 2).sum() * W.sum()
-    run(opt, [a, ab], f, 5)
-    run(ref, [w, wb], f, 5)
+    run_steps(opt, [a, ab], f, 5)
+    run_steps(ref, [w, wb], f, 5)
     assert torch.allclose(a, w, atol=1e-6) and torch.allclose(ab, wb, atol=1e-6)
     assert not torch.equal(a, W0)
 
@@ -121,13 +101,13 @@ def test_full_rank_svd_basis_is_adamw_in_rotated_coordinates(shape):
     W0, loss = lsq_problem(m, n, seed=3)
     w = torch.nn.Parameter(W0.clone())
     opt = GaLoreAdamW([w], lr=2e-2, rank=min(m, n), update_proj_gap=10_000, scale=1.0, weight_decay=0.05)
-    run(opt, [w], loss, 6)
+    run_steps(opt, [w], loss, 6)
     P = opt.state[w]["projector"]
     left = m <= n
     assert torch.allclose(P @ P.T if left else P.T @ P, torch.eye(min(m, n)), atol=1e-5)
     z = torch.nn.Parameter((P.T @ W0) if left else (W0 @ P.T))
     ref = torch.optim.AdamW([z], lr=2e-2, weight_decay=0.05, foreach=False)
-    run(ref, [z], lambda Z: loss(P @ Z if left else Z @ P), 6)
+    run_steps(ref, [z], lambda Z: loss(P @ Z if left else Z @ P), 6)
     assert torch.allclose(w, P @ z if left else z @ P, atol=1e-5)
 
 
@@ -136,7 +116,7 @@ def test_update_stays_in_the_rank_r_subspace_between_refreshes():
     W0, loss = lsq_problem(m, n, seed=5)
     w = torch.nn.Parameter(W0.clone())
     opt = GaLoreAdamW([w], lr=1e-2, rank=r, update_proj_gap=100, scale=0.25)
-    run(opt, [w], loss, 5)
+    run_steps(opt, [w], loss, 5)
     P = opt.state[w]["projector"]  # (m×r), left side since m <= n
     dW = (w - W0).detach()
     assert P.shape == (m, r)
@@ -164,7 +144,7 @@ def test_scale_multiplies_the_projected_update():
     deltas = []
     for scale in (1.0, 0.25):
         w = torch.nn.Parameter(W0.clone())
-        run(GaLoreAdamW([w], lr=1e-2, rank=4, scale=scale), [w], loss, 1)
+        run_steps(GaLoreAdamW([w], lr=1e-2, rank=4, scale=scale), [w], loss, 1)
         deltas.append((w - W0).detach())
     assert torch.allclose(deltas[1], 0.25 * deltas[0], atol=1e-6)
 
@@ -173,12 +153,12 @@ def test_state_dict_round_trip_continues_identically():
     W0, loss = lsq_problem(8, 12)
     a = torch.nn.Parameter(W0.clone())
     opt = GaLoreAdamW([a], lr=1e-2, rank=3, update_proj_gap=4)
-    run(opt, [a], loss, 2)
+    run_steps(opt, [a], loss, 2)
     b = torch.nn.Parameter(a.detach().clone())
     opt_b = GaLoreAdamW([b], lr=1e-2, rank=3, update_proj_gap=4)
     opt_b.load_state_dict(copy.deepcopy(opt.state_dict()))  # as torch.save/load would
-    run(opt, [a], loss, 4)
-    run(opt_b, [b], loss, 4)
+    run_steps(opt, [a], loss, 4)
+    run_steps(opt_b, [b], loss, 4)
     assert torch.equal(a, b)
 
 
