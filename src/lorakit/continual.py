@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.core.adapter import check_positive_int
 from lorakit.errors import ConfigError
 
 METRICS = ("accuracy", "loss")
@@ -249,12 +250,6 @@ def evaluate_task(model: nn.Module, dataset, strategy: Strategy | None = None, m
 
 
 # -- the loop --------------------------------------------------------------------------------------
-def _check_positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-    return v
-
-
 def run_task_sequence(
     model: nn.Module,
     tasks: Sequence,
@@ -284,9 +279,9 @@ def run_task_sequence(
         raise ConfigError(f"eval_tasks has {len(eval_tasks)} datasets but tasks has {len(tasks)}")
     if metric not in METRICS:
         raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}")
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("eval_batch_size", eval_batch_size)
+    check_positive_int("epochs", epochs)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("eval_batch_size", eval_batch_size)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:

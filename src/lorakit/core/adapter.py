@@ -24,6 +24,7 @@ into base weights or exported as LoRA, and the core refuses both with a clear er
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -131,6 +132,18 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_nonneg_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def check_finite_nonneg(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def check_range(name: str, value: Any, lo: float, hi: float, hi_open: bool = True) -> float:

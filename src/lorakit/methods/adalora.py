@@ -62,16 +62,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.core.adapter import AdapterConfig, LayerSpec, check_positive_int, check_range, keep_ranks_
+from lorakit.core.adapter import (
+    AdapterConfig,
+    LayerSpec,
+    check_nonneg_int,
+    check_positive_int,
+    check_range,
+    keep_ranks_,
+)
 from lorakit.core.inject import adapter_modules, prune_adapter, state
 from lorakit.core.registry import register_method
 from lorakit.errors import ConfigError
-
-
-def _check_nonneg_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
 
 
 @dataclass
@@ -108,8 +109,8 @@ class AdaLoraConfig(AdapterConfig):
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
         check_range("dropout", self.dropout, 0.0, 1.0)
-        _check_nonneg_int("tinit", self.tinit)
-        _check_nonneg_int("tfinal", self.tfinal)
+        check_nonneg_int("tinit", self.tinit)
+        check_nonneg_int("tfinal", self.tfinal)
         check_positive_int("deltaT", self.deltaT)
         for b in ("beta1", "beta2"):
             v = getattr(self, b)

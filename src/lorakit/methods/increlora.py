@@ -76,22 +76,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.core.adapter import AdapterConfig, LayerSpec, check_positive_int, check_range, keep_ranks_
+from lorakit.core.adapter import (
+    AdapterConfig,
+    LayerSpec,
+    check_finite_nonneg,
+    check_nonneg_int,
+    check_positive_int,
+    check_range,
+    keep_ranks_,
+)
 from lorakit.core.inject import adapter_modules, prune_adapter, state
 from lorakit.core.registry import register_method
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.methods.adalora import _check_nonneg_int, check_schedule
+from lorakit.methods.adalora import check_schedule
 
 DORMANT, RESERVED, ACTIVE = 0, 1, 2
 
 
 # -- config checks shared by the rank-growing methods ---------------------------------------
-def check_finite_nonneg(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 def check_optional_positive_int(name: str, value: Any) -> None:
     if value is not None:
         check_positive_int(name, value)
@@ -311,8 +313,8 @@ class IncreLoraConfig(AdapterConfig):
         check_positive_int("top_h", self.top_h)
         check_optional_positive_int("add_r", self.add_r)
         check_optional_positive_int("interval", self.interval)
-        _check_nonneg_int("tinit", self.tinit)
-        _check_nonneg_int("tfinal", self.tfinal)
+        check_nonneg_int("tinit", self.tinit)
+        check_nonneg_int("tfinal", self.tfinal)
         check_finite_nonneg("advance_lambda", self.advance_lambda)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
@@ -498,17 +500,27 @@ def rank_pattern(model: nn.Module, name: str = "default") -> dict[str, int]:
     return {p: m.rank for p, m in increlora_modules(model, name).items()}
 
 
+def live_orth_penalty(mods: Iterable[nn.Module]) -> torch.Tensor:
+    """R over the live triplets (`live_qp()`) of growing-rank modules (differentiable)."""
+    return orth_penalty(m.live_qp() for m in mods)
+
+
+def add_live_orth_grad_(mods: Iterable[nn.Module], weight: float) -> None:
+    """grad += ∂(weight · R)/∂θ over the modules' lora_A / lora_B (≡ adding weight·R to the loss)."""
+    if weight == 0:
+        return
+    mods = list(mods)
+    add_grad_(lambda: weight * live_orth_penalty(mods), [p for m in mods for p in (m.lora_A, m.lora_B)])
+
+
 def orth_regularizer(model: nn.Module, name: str = "default") -> torch.Tensor:
     """R over the live (active + reserved) triplets of every module (differentiable)."""
-    return orth_penalty(m.live_qp() for m in increlora_modules(model, name).values())
+    return live_orth_penalty(increlora_modules(model, name).values())
 
 
 def add_orth_grad_(model: nn.Module, weight: float, name: str = "default") -> None:
     """grad += ∂(weight · R)/∂θ (≡ adding weight·R to the loss)."""
-    if weight == 0:
-        return
-    mods = increlora_modules(model, name).values()
-    add_grad_(lambda: weight * orth_regularizer(model, name), [p for m in mods for p in (m.lora_A, m.lora_B)])
+    add_live_orth_grad_(increlora_modules(model, name).values(), weight)
 
 
 def prune(model: nn.Module, name: str = "default") -> dict[str, int]:

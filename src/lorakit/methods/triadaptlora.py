@@ -51,19 +51,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.core.adapter import AdapterConfig, LayerSpec, check_positive_int, check_range, keep_ranks_
+from lorakit.core.adapter import (
+    AdapterConfig,
+    LayerSpec,
+    check_finite_nonneg,
+    check_nonneg_int,
+    check_positive_int,
+    check_range,
+    keep_ranks_,
+)
 from lorakit.core.inject import adapter_modules, prune_adapter, state
 from lorakit.core.registry import register_method
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.methods.adalora import _check_nonneg_int, check_schedule
+from lorakit.methods.adalora import check_schedule
 from lorakit.methods.increlora import (
     GrowthAllocator,
-    add_grad_,
-    check_finite_nonneg,
+    add_live_orth_grad_,
     check_growth_ranks,
     check_optional_positive_int,
     growth_callback,
-    orth_penalty,
+    live_orth_penalty,
     resolve_budget,
 )
 
@@ -108,8 +115,8 @@ class TriAdaptLoraConfig(AdapterConfig):
         if self.growth not in GROWTH_MODELS:
             raise ConfigError(f"growth must be one of {GROWTH_MODELS}, got {self.growth!r}")
         check_optional_positive_int("interval", self.interval)
-        _check_nonneg_int("tinit", self.tinit)
-        _check_nonneg_int("tfinal", self.tfinal)
+        check_nonneg_int("tinit", self.tinit)
+        check_nonneg_int("tfinal", self.tfinal)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
         check_range("dropout", self.dropout, 0.0, 1.0)
@@ -253,15 +260,12 @@ def rank_pattern(model: nn.Module, name: str = "default") -> dict[str, int]:
 
 
 def orth_regularizer(model: nn.Module, name: str = "default") -> torch.Tensor:
-    return orth_penalty(m.live_qp() for m in triadaptlora_modules(model, name).values())
+    return live_orth_penalty(triadaptlora_modules(model, name).values())
 
 
 def add_orth_grad_(model: nn.Module, weight: float, name: str = "default") -> None:
     """grad += ∂(weight · R)/∂θ (≡ adding weight·R to the loss)."""
-    if weight == 0:
-        return
-    mods = triadaptlora_modules(model, name).values()
-    add_grad_(lambda: weight * orth_regularizer(model, name), [p for m in mods for p in (m.lora_A, m.lora_B)])
+    add_live_orth_grad_(triadaptlora_modules(model, name).values(), weight)
 
 
 def prune(model: nn.Module, name: str = "default") -> dict[str, int]:
