@@ -53,7 +53,7 @@ from lorakit.core.inject import adapter_modules, apply_plan, check_not_merged, d
 from lorakit.core.registry import register_method
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.methods.bottleneck import BottleneckConfig, activate, bottleneck_size, init_linear_
-from lorakit.methods.lora import LoraConfig
+from lorakit.methods.lora import Lora, LoraConfig
 
 
 def _check_groups(groups) -> int:
@@ -151,18 +151,9 @@ class Mosa(_Groups, nn.Module):
         # (..., d_in) -> (..., r or r/K) -> (..., d_out); ΔW is never formed
         return F.linear(F.linear(self.dropout(x.to(a.dtype)), a), b) * s
 
-    def delta_weight(self) -> torch.Tensor:
-        a, b = self.factors()
-        return (b @ a) * self.scale  # (d_out, d_in): merge/export only
-
-    def to_lora(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-        a, b = self.factors()
-        if rank is not None and rank < self.r:
-            from lorakit.ops.lowrank import truncate
-
-            a, b = truncate(a, b, rank)
-            return a, b, self.scale
-        return a.detach().clone(), b.detach().clone(), self.scale
+    # merged into the full LoRA (factors(), r, scale): ΔW and PEFT export exactly as LoRA's
+    delta_weight = Lora.delta_weight
+    to_lora = Lora.to_lora
 
     @classmethod
     def trainer_callbacks(cls, model: nn.Module, name: str, config: MosaConfig) -> list:
