@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from lorakit.core.shared import SharedParameters
 from lorakit.errors import ConfigError
 
 #: Names of adapters become ModuleDict keys and directory names: keep them boring.
@@ -66,6 +67,9 @@ class LayerSpec:
     embedding_kwargs: dict = field(default_factory=dict)  # padding_idx, max_norm, ...
     bias: typing.Callable[[], torch.Tensor | None] = lambda: None  # live base bias (d_out,) or None
     role: str = ""  # insert sites only: one of INSERT_ROLES
+    # the injection's pool of tensors shared across layers (`lorakit.core.shared`); set by
+    # `plan_injection`, None when an adapter is built on its own. Use it in __init__, don't keep it.
+    shared: SharedParameters | None = None
 
 
 #: Where an "insert" method can attach (resolved per architecture by `lorakit.core.inject.find_sites`):
@@ -186,6 +190,9 @@ class Adapter(Protocol):
     #       n training batches (dicts of tensors, as the model's forward takes them).
     #   mergeable: ClassVar[bool] — False for methods with no weight update (e.g. per-token routed
     #       mixtures): `lorakit.merge` refuses up front with the method's delta_weight() error.
+    #   shared tensors: an adapter may take trainable tensors shared with the other layers of
+    #       its injection from `spec.shared` via `lorakit.core.shared.share_parameter` (S2-LoRA's
+    #       global A, B); files store them once and loading restores the sharing.
     #   insert_roles(cls, config) -> tuple[str, ...]: required with supports = ("insert",): the
     #       INSERT_ROLES the method attaches to; `delta(u, h)` then gets u (what the adapter reads,
     #       (..., d)) and h (the hidden state it adds to, (..., d)). Role "embed" also calls

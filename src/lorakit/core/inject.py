@@ -30,6 +30,7 @@ from torch import nn
 from lorakit.core.adapter import INSERT_ROLES, AdapterConfig, check_adapter_name
 from lorakit.core.layer import AdaptedLayer, InsertSite, Site, SiteHook, wrapper_for
 from lorakit.core.registry import method_for_config
+from lorakit.core.shared import SharedParameters
 from lorakit.errors import AdapterError, ConfigError
 
 _REGEX_CHARS = set("^$*+?()[]{}|\\")
@@ -300,7 +301,11 @@ class InjectionPlan:
 
 
 def plan_injection(model: nn.Module, config: AdapterConfig, name: str = "default") -> InjectionPlan:
-    """Build (but do not attach) one adapter per target module. Raises before any change."""
+    """Build (but do not attach) one adapter per target module. Raises before any change.
+
+    All adapters of the plan get one `SharedParameters` pool (`LayerSpec.shared`) for the
+    tensors a method shares across layers.
+    """
     check_adapter_name(name)
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"expected an AdapterConfig, got {type(config).__name__}")
@@ -313,11 +318,12 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str = "default
     if "insert" in spec.adapter_cls.supports:
         return _plan_sites(model, config, name, spec)
     adapters = {}
+    pool = SharedParameters()  # tensors this adapter's layers share (see lorakit.core.shared)
     for path in find_targets(model, config):
         module = model.get_submodule(path)
         base = _base_of(module)
         wrapper = module if isinstance(module, AdaptedLayer) else wrapper_for(base)(base)
-        lspec = wrapper.spec(path)
+        lspec = dataclasses.replace(wrapper.spec(path), shared=pool)
         if lspec.kind not in spec.adapter_cls.supports:
             raise ConfigError(f"method {spec.name!r} cannot adapt {lspec.kind} layer {path!r}")
         adapter = spec.adapter_cls(lspec, config)
@@ -330,11 +336,12 @@ def _plan_sites(model: nn.Module, config: AdapterConfig, name: str, spec) -> Inj
     roles = spec.adapter_cls.insert_roles(config)
     sites = find_sites(model, roles, config.target)
     adapters = {}
+    pool = SharedParameters()
     for hpath, site in sites.items():
         existing = getattr(model.get_submodule(site.hooks[0].path), site.attr, None)
         if existing is not None and not (isinstance(existing, InsertSite) and existing.site.hooks == site.hooks):
             raise AdapterError(f"{hpath} already exists and is not a matching insertion site")
-        adapter = spec.adapter_cls(InsertSite(site).spec(hpath), config)
+        adapter = spec.adapter_cls(dataclasses.replace(InsertSite(site).spec(hpath), shared=pool), config)
         adapter.train(model.get_submodule(site.hooks[0].path).training)
         adapters[hpath] = adapter.to(device=site.device)
     return InjectionPlan(name, config, adapters, sites)

@@ -8,7 +8,9 @@ Layout of a saved adapter directory:
                                e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
                                inserted adapters (bottleneck, invertible: no PEFT equivalent) use
                                their insertion site as the module path, e.g.
-                               "base_model.model.model.layers.0.lorakit_ffn_residual.adapter_up.weight"
+                               "base_model.model.model.layers.0.lorakit_ffn_residual.adapter_up.weight";
+                               tensors shared across layers (`lorakit.core.shared`) are stored
+                               once, as "base_model.model.lorakit_shared.<key>"
 
 Writes are atomic: both files are written and fsynced into a hidden temporary directory
 that is then renamed into place, so a process killed mid-save leaves either the old adapter
@@ -41,6 +43,7 @@ from lorakit.core.inject import (
 )
 from lorakit.core.layer import AdaptedConv1D, InsertSite
 from lorakit.core.registry import get_method
+from lorakit.core.shared import SHARED_PREFIX, shared_names
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError
 from lorakit.fsutil import atomic_dir
 
@@ -58,14 +61,34 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     if name not in st.configs:
         raise AdapterError(f"unknown adapter {name!r}; this model has {sorted(st.configs) or 'no adapters'}")
     out = {}
+    shared: dict[str, tuple[torch.Tensor, str]] = {}  # shared key -> (tensor, first holder), stored once
     for path, layer in adapted_layers(model).items():
         if name in layer.adapters:
-            for k, t in layer.adapters[name].state_dict().items():
-                out[f"{PREFIX}{path}.{k}"] = t.detach().cpu().contiguous().clone()
+            adapter = layer.adapters[name]
+            skeys = shared_names(adapter)
+            for k, t in adapter.state_dict().items():
+                if k in skeys:
+                    _note_shared(shared, skeys[k], t, f"{path}.{k}")
+                else:
+                    out[f"{PREFIX}{path}.{k}"] = t.detach().cpu().contiguous().clone()
+    for key, (t, _) in shared.items():
+        out[f"{PREFIX}{SHARED_PREFIX}{key}"] = t.detach().cpu().contiguous().clone()
     for path in modules_to_save_paths(model, st.configs[name]):
         for k, t in model.get_submodule(path).state_dict().items():
             out[f"{PREFIX}{path}.{k}"] = t.detach().cpu().contiguous().clone()
     return out
+
+
+def _note_shared(shared: dict, key: str, t: torch.Tensor, where: str) -> None:
+    """Record shared tensor `key`; every later holder must have the same tensor (or values)."""
+    if key not in shared:
+        shared[key] = (t, where)
+        return
+    first, first_where = shared[key]
+    same = first.data_ptr() == t.data_ptr() and first.shape == t.shape and first.stride() == t.stride()
+    if not same and not (first.shape == t.shape and torch.equal(first, t)):
+        raise AdapterError(f"shared tensor {key!r} differs between {first_where} and {where}; "
+                           "layers that share a tensor must hold the same one")
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -305,33 +328,55 @@ def load_weights(model: nn.Module, path: str | os.PathLike, name: str = "default
 
 
 def _assign_tensors(model, plan: InjectionPlan, tensors: dict, file: Path) -> dict[str, dict]:
-    """Map file keys to planned adapters / modules_to_save; check names, shapes and dtypes."""
-    owners = {p: a.state_dict() for p, a in plan.adapters.items()}
+    """Map file keys to planned adapters / modules_to_save; check names, shapes and dtypes.
+
+    A shared tensor ("<PREFIX>lorakit_shared.<key>", stored once) goes to every adapter that
+    holds `key` (`shared_names`); the returned per-module dicts are complete state dicts.
+    """
+    owners, users = {}, {}  # users: shared key -> [(module path, local name, expected tensor)]
+    for p, a in plan.adapters.items():
+        sd = a.state_dict()
+        for local, skey in shared_names(a).items():
+            users.setdefault(skey, []).append((p, local, sd.pop(local)))
+        owners[p] = sd
     for p in modules_to_save_paths(model, plan.config):
         owners[p] = model.get_submodule(p).state_dict()
     by_len = sorted(owners, key=len, reverse=True)  # longest module path wins
     out: dict[str, dict] = {p: {} for p in owners}
     for key, t in tensors.items():
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if k.startswith(SHARED_PREFIX):
+            skey = k[len(SHARED_PREFIX):]
+            if skey not in users:
+                raise AdapterFileError(f"{file}: unexpected shared tensor {key!r} (no adapter in the model uses it)")
+            for p, local, expected in users[skey]:
+                out[p][local] = _checked(t, expected, key, file)
+            continue
         owner = next((p for p in by_len if k.startswith(p + ".")), None)
         local = k[len(owner) + 1:] if owner else None
         if owner is None or local not in owners[owner]:
             raise AdapterFileError(f"{file}: unexpected tensor {key!r} (no matching adapter parameter in the model)")
-        expected = owners[owner][local]
-        if tuple(t.shape) != tuple(expected.shape):
-            raise AdapterFileError(
-                f"{file}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(expected.shape)}"
-            )
-        if t.dtype.is_floating_point != expected.dtype.is_floating_point:
-            raise AdapterFileError(f"{file}: tensor {key!r} has dtype {t.dtype}, expected {expected.dtype}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise AdapterFileError(f"{file}: tensor {key!r} contains NaN or inf")
-        out[owner][local] = t.to(expected.dtype)
+        out[owner][local] = _checked(t, owners[owner][local], key, file)
+    for skey, holders in users.items():
+        if any(local not in out[p] for p, local, _ in holders):
+            raise AdapterFileError(f"{file}: missing shared tensor {PREFIX}{SHARED_PREFIX}{skey} "
+                                   f"(used by {holders[0][0]} and {len(holders) - 1} more)")
     for p in owners:
         missing = sorted(set(owners[p]) - set(out[p]))
         if missing:
             raise AdapterFileError(f"{file}: missing tensor {PREFIX}{p}.{missing[0]} (and {len(missing) - 1} more)")
     return out
+
+
+def _checked(t: torch.Tensor, expected: torch.Tensor, key: str, file: Path) -> torch.Tensor:
+    """`t` in the expected dtype, after checking its shape, kind of dtype and finiteness."""
+    if tuple(t.shape) != tuple(expected.shape):
+        raise AdapterFileError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(expected.shape)}")
+    if t.dtype.is_floating_point != expected.dtype.is_floating_point:
+        raise AdapterFileError(f"{file}: tensor {key!r} has dtype {t.dtype}, expected {expected.dtype}")
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise AdapterFileError(f"{file}: tensor {key!r} contains NaN or inf")
+    return t.to(expected.dtype)
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default", rank: int | None = None) -> Path:
