@@ -1,5 +1,5 @@
-"""`lorakit <verb>`: train, eval, export, merge, serve, vocab, federate, select, augment, info, generate,
-methods.
+"""`lorakit <verb>`: train, eval, export, merge, serve, vocab, federate, select, augment, library, info,
+generate, methods.
 
 Flags of `train` are generated from `TrainConfig` and from the chosen method's config
 dataclass, so every field is settable from the command line or a YAML/JSON file.
@@ -77,6 +77,13 @@ RADA (arXiv:2402.13482): retrieve related pool examples by MiniLM embeddings (FA
 prompt a local LM (SmolLM2-135M-Instruct by default) with them and the seeds, parse, deduplicate and
 filter the generations; writes OUT.jsonl and OUT.jsonl.report.json. --dedomain: AMD²G's
 domain-agnostic stage-1 data (domain terms replaced by <term>) + stage-2 data + terms.json.""",
+    "library": """examples:
+  lorakit library --library loras/ --kshot kshot.jsonl --top-m 2 --output runs/expert
+  lorakit library --library loras/ --kshot kshot.jsonl --labels yes,no --mix moe --embedder minilm-l6
+Ranks every adapter in the folder on the K examples (response perplexity; accuracy over --labels;
+similarity of library.json descriptions), picks a diverse group of --top-m (no near-duplicate
+LoRAs, --diversity 0 turns that off) and writes their mixture to OUTPUT/adapter (--mix merge: one
+LoRA; moe: a MeteoRA gate over them) and the score table to OUTPUT/selection.json.""",
     "merge": """examples:
   lorakit merge recipe.yaml
 recipe.yaml (mergekit style):
@@ -195,6 +202,12 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     se.add_argument("--config", help="YAML/JSON file of SelectConfig keys")
     add_dataclass_args(se, SelectConfig)
 
+    from lorakit.compose.library import LibraryRunConfig
+
+    li = verb("library", "Pick adapters from a LoRA library with K examples and mix them (arXiv:2408.15915).")
+    li.add_argument("--config", help="YAML/JSON file of LibraryRunConfig keys")
+    add_dataclass_args(li, LibraryRunConfig)
+
     au = verb("augment", "Generate (RADA) or de-domain (AMD²G) training data with local models.")
     au.add_argument("--seeds", help="RADA: seed examples (JSONL records or a text file)")
     au.add_argument("--pool", action="append", default=[], help="RADA: other datasets to retrieve from (repeat)")
@@ -249,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "info": cmd_info,
                 "generate": cmd_generate, "methods": cmd_methods, "merge": cmd_merge,
                 "serve": cmd_serve, "vocab": cmd_vocab, "federate": cmd_federate,
-                "select": cmd_select, "augment": cmd_augment}[args.verb](args)
+                "select": cmd_select, "augment": cmd_augment, "library": cmd_library}[args.verb](args)
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
@@ -508,6 +521,20 @@ def cmd_select(args) -> int:
     res = run_select(cfg)
     print(f"selected {len(res.indices)} of {len(res.scores)} examples -> {cfg.output} "
           f"(datastore, scores and selection.json in {cfg.work_dir})")
+    return 0
+
+
+def cmd_library(args) -> int:
+    from lorakit.compose.library import LibraryRunConfig, run_library
+    from lorakit.config import from_dict, overrides, read_config_file
+
+    data = read_config_file(args.config) if args.config else {}
+    data.update(overrides(args, LibraryRunConfig))
+    cfg = from_dict(LibraryRunConfig, data, where=args.config or "")
+    res = run_library(cfg)
+    print(res.table())
+    print(f"selection -> {Path(cfg.output) / 'selection.json'}"
+          + (f", mixture adapter -> {Path(cfg.output) / 'adapter'}" if res.mixture else ""))
     return 0
 
 
