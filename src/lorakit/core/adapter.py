@@ -55,6 +55,10 @@ class LayerSpec:
 
     `weight()` returns the live base weight oriented as (d_out, d_in) for linear layers
     (GPT-2's Conv1D is transposed for you) and (num_embeddings, dim) for embeddings.
+    `base_weight()` / `base_bias()` return W0 / b0 without any merged adapter: the live tensors
+    while nothing is merged, else the layer's one snapshot taken at the first merge (kept only
+    when an adapter on the layer sets `needs_w0 = True`). Methods whose update depends on W0
+    (Bone "bat", Hydra) read it from there instead of keeping a private copy per adapter.
     """
 
     name: str  # module path in the model, e.g. "model.layers.0.self_attn.q_proj"
@@ -66,10 +70,20 @@ class LayerSpec:
     weight: typing.Callable[[], torch.Tensor]
     embedding_kwargs: dict = field(default_factory=dict)  # padding_idx, max_norm, ...
     bias: typing.Callable[[], torch.Tensor | None] = lambda: None  # live base bias (d_out,) or None
+    base_weight: typing.Callable[[], torch.Tensor] | None = None  # W0 without merged adapters; None = weight
+    base_bias: typing.Callable[[], torch.Tensor | None] | None = None  # b0 likewise; None = bias
     role: str = ""  # insert sites only: one of INSERT_ROLES
     # the injection's pool of tensors shared across layers (`lorakit.core.shared`); set by
     # `plan_injection`, None when an adapter is built on its own. Use it in __init__, don't keep it.
     shared: SharedParameters | None = None
+
+    def w0(self) -> torch.Tensor:
+        """W0 (d_out, d_in) as if no adapter were merged (see the class docstring)."""
+        return (self.base_weight or self.weight)()
+
+    def b0(self) -> torch.Tensor | None:
+        """b0 (d_out,) or None, as if no adapter were merged."""
+        return (self.base_bias or self.bias)()
 
 
 #: Where an "insert" method can attach (resolved per architecture by `lorakit.core.inject.find_sites`):

@@ -298,6 +298,9 @@ class InjectionPlan:
     config: AdapterConfig
     adapters: dict[str, nn.Module]  # module path -> adapter (holder path for insert sites)
     sites: dict[str, Site] = field(default_factory=dict)  # holder path -> site, insert methods only
+    # module path -> the new wrapper the adapter was planned with (its spec reads that wrapper's
+    # state, e.g. `pristine_weight`), for targets not wrapped yet
+    wrappers: dict[str, AdaptedLayer] = field(default_factory=dict)
 
 
 def plan_injection(model: nn.Module, config: AdapterConfig, name: str = "default") -> InjectionPlan:
@@ -317,19 +320,26 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str = "default
             raise ConfigError(f"modules_to_save entry {k!r} matches no module in the model")
     if "insert" in spec.adapter_cls.supports:
         return _plan_sites(model, config, name, spec)
-    adapters = {}
+    adapters, wrappers = {}, {}
     pool = SharedParameters()  # tensors this adapter's layers share (see lorakit.core.shared)
     for path in find_targets(model, config):
         module = model.get_submodule(path)
         base = _base_of(module)
-        wrapper = module if isinstance(module, AdaptedLayer) else wrapper_for(base)(base)
+        if isinstance(module, AdaptedLayer):
+            wrapper = module
+        else:
+            wrapper = wrappers[path] = wrapper_for(base)(base)
         lspec = dataclasses.replace(wrapper.spec(path), shared=pool)
         if lspec.kind not in spec.adapter_cls.supports:
             raise ConfigError(f"method {spec.name!r} cannot adapt {lspec.kind} layer {path!r}")
         adapter = spec.adapter_cls(lspec, config)
+        if getattr(adapter, "needs_w0", False) and wrapper.merged and wrapper._w0 is None:
+            raise AdapterError(f"{path}: adapters {wrapper.merged} are merged into this layer and no copy of its "
+                               f"original weight was kept; unmerge them before adding {spec.name!r} adapter "
+                               f"{name!r}, whose update depends on W0")
         adapter.train(base.training)  # a fresh nn.Module is in train mode; follow the model
         adapters[path] = adapter.to(device=lspec.device)
-    return InjectionPlan(name, config, adapters)
+    return InjectionPlan(name, config, adapters, wrappers=wrappers)
 
 
 def _plan_sites(model: nn.Module, config: AdapterConfig, name: str, spec) -> InjectionPlan:
@@ -355,7 +365,9 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, activate: bool = True) -> 
         else:
             module = model.get_submodule(path)
             if not isinstance(module, AdaptedLayer):
-                module = wrapper_for(module)(module).train(module.training)
+                planned = plan.wrappers.get(path)
+                wrapper = planned if planned is not None and planned.base is module else wrapper_for(module)(module)
+                module = wrapper.train(module.training)
                 _replace_module(model, path, module)
         module.adapters[plan.name] = adapter
     st = state(model)

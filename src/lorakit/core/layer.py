@@ -43,6 +43,10 @@ class AdaptedLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
+        # W0 / b0 before the first merge, kept while something is merged and an adapter on this
+        # layer needs them (`needs_w0`): one copy per layer, shared by all its adapters.
+        self._w0: torch.Tensor | None = None
+        self._b0: torch.Tensor | None = None
         # (adapter_ids (batch,), names) while inside `lorakit.route(...)`; None otherwise.
         self.route: tuple[torch.Tensor, list[str]] | None = None
 
@@ -51,6 +55,18 @@ class AdaptedLayer(nn.Module):
         """Base weight as (d_out, d_in) (linear) or (num_embeddings, dim) (embedding)."""
         return self.base.weight
 
+    def pristine_weight(self) -> torch.Tensor:
+        """W0: the live weight while nothing is merged, else the snapshot of the first merge."""
+        if self.merged and self._w0 is None:
+            raise AdapterError(f"adapters {self.merged} are merged into this layer and no copy of its original "
+                               "weight was kept; unmerge them before adding an adapter whose update depends on W0")
+        return self._w0 if self.merged else self.weight_view()
+
+    def pristine_bias(self) -> torch.Tensor | None:
+        if self.merged and self._w0 is not None:
+            return self._b0
+        return getattr(self.base, "bias", None)
+
     def spec(self, name: str) -> LayerSpec:
         w = self.base.weight
         d_out, d_in = self.weight_view().shape
@@ -58,6 +74,7 @@ class AdaptedLayer(nn.Module):
             name=name, kind=self.kind, in_features=d_in, out_features=d_out,
             dtype=w.dtype, device=w.device, weight=self.weight_view,
             bias=lambda: getattr(self.base, "bias", None),
+            base_weight=self.pristine_weight, base_bias=self.pristine_bias,
         )
 
     # -- forward -----------------------------------------------------------------------
@@ -92,12 +109,16 @@ class AdaptedLayer(nn.Module):
         if getattr(self.base, "lorakit_quantized", False):
             raise AdapterError("the base layer is quantized: merging needs re-quantization; "
                                "use lorakit.quant.merge_lora_into_quantized (it reports the error)")
-        for name in names:
-            if name in self.adapters and name not in self.merged:
-                w = self.weight_view()
-                w += self.adapters[name].delta_weight().to(w.dtype)
-                self._shift_bias(name, +1)
-                self.merged.append(name)
+        todo = [n for n in names if n in self.adapters and n not in self.merged]
+        if todo and not self.merged and any(getattr(a, "needs_w0", False) for a in self.adapters.values()):
+            self._w0 = self.weight_view().detach().clone()  # (d_out, d_in), contiguous
+            b = getattr(self.base, "bias", None)
+            self._b0 = None if b is None else b.detach().clone()
+        for name in todo:
+            w = self.weight_view()
+            w += self.adapters[name].delta_weight().to(w.dtype)
+            self._shift_bias(name, +1)
+            self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self, names: list[str] | None = None) -> None:
@@ -108,6 +129,11 @@ class AdaptedLayer(nn.Module):
                 w -= self.adapters[name].delta_weight().to(w.dtype)
                 self._shift_bias(name, -1)
                 self.merged.remove(name)
+        if not self.merged and self._w0 is not None:  # all unmerged: restore W0 / b0 bit-exactly
+            self.weight_view().copy_(self._w0)
+            if self._b0 is not None:
+                self.base.bias.copy_(self._b0)
+            self._w0 = self._b0 = None
 
     def _shift_bias(self, name: str, sign: int) -> None:
         """Adapters with a constant output shift (`delta_bias`) move the base bias too."""
@@ -140,7 +166,8 @@ class AdaptedEmbedding(AdaptedLayer):
         kw = dict(padding_idx=b.padding_idx, max_norm=b.max_norm, norm_type=b.norm_type,
                   scale_grad_by_freq=b.scale_grad_by_freq, sparse=b.sparse)
         # ids in, vectors out: in_features = num_embeddings, out_features = embedding_dim
-        return LayerSpec(s.name, s.kind, b.num_embeddings, b.embedding_dim, s.dtype, s.device, s.weight, kw)
+        return LayerSpec(s.name, s.kind, b.num_embeddings, b.embedding_dim, s.dtype, s.device, s.weight, kw,
+                         base_weight=s.base_weight, base_bias=s.base_bias)
 
 
 # -- insertion sites -----------------------------------------------------------------------

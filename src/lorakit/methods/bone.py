@@ -12,9 +12,10 @@ r×r matrix β_i per row block is shared by all column blocks:
 trainable parameters per module. The parameter is named `miss_block` with PEFT's layout, so
 values carry over to and from `peft.MissConfig(init_weights="bat" | True)`.
 
-"bat" guides β through the frozen weight ("Weight Guide"): ΔW depends on W0, so W0 is
-snapshotted at construction into a non-persistent buffer (merge changes the live weight, and
-unmerge must subtract the same ΔW). Its update is not low-rank, so `delta` forms ΔW once per
+"bat" guides β through the frozen weight ("Weight Guide"): ΔW depends on W0, read through
+`spec.w0()` — the live weight while unmerged; once merged, the layer's single snapshot of W0
+(`needs_w0`), shared by all its adapters, so unmerge subtracts the same ΔW and no adapter keeps
+a private copy of W0. Its update is not low-rank, so `delta` forms ΔW once per
 call (d_out·d_in·r flops, independent of the batch, as PEFT does) and `to_lora(rank)` is an
 SVD truncation. It needs r to divide both d_out and d_in (as in PEFT). "miss" is rank ≤ r and
 exact as LoRA; a d_in not divisible by r is handled like PEFT (the last block is partial).
@@ -73,8 +74,7 @@ class Bone(nn.Module):
                     f"(d_out={d_out}, d_in={d_in}), got r={r}; pick a common divisor or variant='miss'"
                 )
             self.miss_block = nn.Parameter(torch.zeros(d_out // r, r, r, **kw))  # β_i (d_out/r, r, r)
-            # W0 snapshot (d_out, d_in): the update is W0-dependent and must survive merge().
-            self.register_buffer("w0", spec.weight().detach().clone().contiguous(), persistent=False)
+            self.needs_w0 = True  # the update reads W0: the layer keeps W0 once it is merged (spec.w0)
         else:
             if r > d_in:
                 raise ConfigError(f"bone r={r} exceeds d_in={d_in} of {spec.name!r}; use r <= {d_in}")
@@ -95,7 +95,7 @@ class Bone(nn.Module):
         if self.variant == "miss":
             return beta.T.repeat(1, math.ceil(d_in / r))[:, :d_in]  # (d_out, d_in)
         # W (d_out, d_in) -> blocks [j, i] = W_ij: (d_in/r, d_out/r, r, r)
-        blocks = self.w0.reshape(d_out // r, r, d_in // r, r).permute(2, 0, 1, 3)
+        blocks = self.spec.w0().detach().reshape(d_out // r, r, d_in // r, r).permute(2, 0, 1, 3)
         out = blocks @ beta + beta  # β_i broadcast over the column blocks j
         return out.permute(1, 2, 0, 3).reshape(d_out, d_in)
 

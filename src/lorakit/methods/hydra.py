@@ -14,11 +14,12 @@ Differences from the reference code (github.com/extremebird/Hydra), and why:
   the constant shift s_s B_s A_s b0 is `delta_bias()`, which merge() folds into the base
   bias. A plain LoRA cannot carry that shift, so `to_lora` (PEFT export, serving) refuses
   layers whose bias is non-zero rather than silently dropping it.
-- The sequential branch is computed as B_s ((A_s W0) x) from a snapshot of W0 rather than
+- The sequential branch is computed as B_s ((A_s W0) x) from W0 (`spec.w0()`) rather than
   from the `base_out` the layer passes in: `base_out` also contains other active adapters'
   deltas (and anything merged into the weight later), which would make the forward disagree
-  with `delta_weight()`. A_s W0 is (r_seq, d_in), so per token this is as cheap as LoRA; the
-  snapshot (a non-persistent buffer, never saved) costs one copy of W0 per adapted layer.
+  with `delta_weight()`. A_s W0 is (r_seq, d_in), so per token this is as cheap as LoRA. No
+  copy of W0 is kept while unmerged; once merged, the layer holds one snapshot of W0 shared by
+  all its adapters (`needs_w0`), and unmerging everything restores W0 bit-exactly.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Hydra(nn.Module):
 
     zero_init = True
     supports = ("linear",)
+    needs_w0 = True  # the sequential branch reads W0 and b0: the layer keeps them once merged (spec.w0)
 
     def __init__(self, spec: LayerSpec, cfg: HydraConfig):
         super().__init__()
@@ -73,14 +75,10 @@ class Hydra(nn.Module):
         for a, b in ((self.par_A, self.par_B), (self.seq_A, self.seq_B)):
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))  # reference `Hydra.__init__` (nlu)
             nn.init.zeros_(b.weight)
-        # W0 snapshot (d_out, d_in): the sequential update is W0-dependent and must survive merge().
-        self.register_buffer("w0", spec.weight().detach().clone().contiguous(), persistent=False)
-        b0 = spec.bias()  # (d_out,) or None, snapshotted for the same reason
-        self.register_buffer("b0", None if b0 is None else b0.detach().clone(), persistent=False)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Both branches stacked: A (r + r_seq, d_in), B (d_out, r + r_seq), scales folded into B."""
-        a = torch.cat([self.par_A.weight, self.seq_A.weight @ self.w0])  # [A_p; A_s W0]
+        a = torch.cat([self.par_A.weight, self.seq_A.weight @ self.spec.w0().detach()])  # [A_p; A_s W0]
         b = torch.cat([self.par_B.weight * self.scale_par, self.seq_B.weight * self.scale_seq], dim=1)
         return a, b
 
@@ -93,9 +91,10 @@ class Hydra(nn.Module):
 
     def delta_bias(self) -> torch.Tensor | None:
         """(d_out,): s_s B_s A_s b0, the sequential branch's response to the base bias."""
-        if self.b0 is None:
+        b0 = self.spec.b0()
+        if b0 is None:
             return None
-        return self.seq_B.weight @ (self.seq_A.weight @ self.b0) * self.scale_seq
+        return self.seq_B.weight @ (self.seq_A.weight @ b0.detach()) * self.scale_seq
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()
