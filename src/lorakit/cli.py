@@ -1,5 +1,5 @@
-"""`lorakit <verb>`: train, eval, export, merge, serve, vocab, federate, select, augment, library, info,
-generate, methods.
+"""`lorakit <verb>`: train, eval, export, merge, serve, vocab, federate, select, augment, library, recipe,
+info, generate, methods.
 
 Flags of `train` are generated from `TrainConfig` and from the chosen method's config
 dataclass, so every field is settable from the command line or a YAML/JSON file.
@@ -84,6 +84,13 @@ Ranks every adapter in the folder on the K examples (response perplexity; accura
 similarity of library.json descriptions), picks a diverse group of --top-m (no near-duplicate
 LoRAs, --diversity 0 turns that off) and writes their mixture to OUTPUT/adapter (--mix merge: one
 LoRA; moe: a MeteoRA gate over them) and the score table to OUTPUT/selection.json.""",
+    "recipe": """examples:
+  lorakit recipe recipes/chichewa_assistant.yaml                 # reduced size: minutes on a laptop CPU
+  lorakit recipe recipes/medical_assistant.yaml --scale full --out runs/med
+  lorakit recipe recipes/chichewa_assistant.yaml --dry-run       # print the commands only
+  lorakit recipe recipes/chichewa_assistant.yaml --from sft      # resume at a stage
+A recipe is a YAML list of stages, each one lorakit verb (train, export, eval, vocab, ...) or a
+data-building step (prepare); see recipes/README.md.""",
     "merge": """examples:
   lorakit merge recipe.yaml
 recipe.yaml (mergekit style):
@@ -208,6 +215,15 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     li.add_argument("--config", help="YAML/JSON file of LibraryRunConfig keys")
     add_dataclass_args(li, LibraryRunConfig)
 
+    rc = verb("recipe", "Run an end-to-end recipe (data, training stages, evaluation) from a YAML file.")
+    rc.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    rc.add_argument("--scale", choices=["reduced", "full"], default="reduced",
+                    help="reduced: a CPU-sized run of minutes; full: the documented full-size settings")
+    rc.add_argument("--out", default=None, help="output directory (default runs/<recipe>-<scale>)")
+    rc.add_argument("--from", dest="start", default=None, help="start at this stage (resume)")
+    rc.add_argument("--only", default=None, help="run only this stage")
+    rc.add_argument("--dry-run", action="store_true", help="print the stages' commands without running them")
+
     au = verb("augment", "Generate (RADA) or de-domain (AMD²G) training data with local models.")
     au.add_argument("--seeds", help="RADA: seed examples (JSONL records or a text file)")
     au.add_argument("--pool", action="append", default=[], help="RADA: other datasets to retrieve from (repeat)")
@@ -252,7 +268,7 @@ def _method_from_argv(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] in ("train", "eval", "serve"):
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] in ("train", "eval", "serve", "recipe"):
         from lorakit.allocator import reexec_with_tcmalloc
 
         reexec_with_tcmalloc()  # long CPU jobs: a non-fragmenting allocator (see allocator.py)
@@ -262,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "info": cmd_info,
                 "generate": cmd_generate, "methods": cmd_methods, "merge": cmd_merge,
                 "serve": cmd_serve, "vocab": cmd_vocab, "federate": cmd_federate,
-                "select": cmd_select, "augment": cmd_augment, "library": cmd_library}[args.verb](args)
+                "select": cmd_select, "augment": cmd_augment, "library": cmd_library,
+                "recipe": cmd_recipe}[args.verb](args)
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
@@ -535,6 +552,16 @@ def cmd_library(args) -> int:
     print(res.table())
     print(f"selection -> {Path(cfg.output) / 'selection.json'}"
           + (f", mixture adapter -> {Path(cfg.output) / 'adapter'}" if res.mixture else ""))
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    from lorakit.recipes import run_recipe
+
+    records = run_recipe(args.recipe, scale=args.scale, out=args.out, start=args.start, only=args.only,
+                         dry_run=args.dry_run)
+    if not args.dry_run:
+        print("recipe done: " + ", ".join(f"{r['stage']} {r['seconds']} s" for r in records))
     return 0
 
 
