@@ -74,8 +74,9 @@ lambda = 3e-4 gives over ~1.7k steps; lorakit's default lr-scaled 1e-3 * lr woul
 by ~1e-5 in a 40-step run and prune nothing). CoDyRA's own schedule is already relative to
 the run length (dense half, then a staircase to kappa_max).
 
-Not run (see ``SKIPPED``): ALLoRA is an optimizer, not an adapter, and ``lorakit.train`` has no
-``optim="allora"``; LAE / continual learning are task-sequence procedures, not adapters.
+ALLoRA is an optimizer, not an adapter: its row is LoRA (no dropout, no scale) trained with
+``optim="allora"``. Not run (see ``SKIPPED``): LAE / continual learning are task-sequence
+procedures, not adapters.
 MeteoRA runs, but trained from scratch as a top-2 mixture of 4 LoRAs without task labels: the
 paper composes pre-trained task LoRAs, which these single-task runs do not have.
 
@@ -182,6 +183,7 @@ class Row:
     derived: Callable[[Any], dict] | None = None
     count_kw: dict = field(default_factory=dict)
     note: str = ""
+    optim: str = "adamw"  # TrainConfig.optim (ALLoRA is LoRA trained with optim="allora")
 
     def fixed(self, ctx: Ctx) -> dict:
         return dict(self.kw(ctx) if callable(self.kw) else self.kw)
@@ -212,6 +214,8 @@ ROWS: dict[str, Row] = {
     "hydra": Row("hydra", {}, match="r", grid=RANKS),
     "mosa": Row("mosa", {"r": 8, "groups": 4}),
     # -- data-aware initialisations -------------------------------------------------------------
+    "allora": Row("lora", {"r": 8, "alpha": 8.0, "dropout": 0.0}, optim="allora",
+                  note="LoRA without dropout or scale, ALLoRA row-adaptive steps (eta 1)"),
     "pissa": Row("pissa", {"r": 8}),
     "lora_ga": Row("lora_ga", {"r": 8}),
     "lora_sb": Row("lora_sb", {}, match="r", grid=RANKS, note="r^2 per module at LoRA's count"),
@@ -235,7 +239,6 @@ ROWS: dict[str, Row] = {
 ROWS["lora_repeat"] = ROWS["lora"]  # drift check: LoRA again at the end of each task
 
 SKIPPED = {
-    "allora": "an optimizer (lorakit.optim.ALLoRA), not an adapter; lorakit.train has no optim='allora'",
     "lae": "LAE is a continual-learning procedure (online + EMA offline module over a task sequence)",
     "continual": "lorakit.continual runs task sequences; CoDyRA's adapter is benchmarked as 'codyra'",
 }
@@ -586,7 +589,7 @@ def run_train_child(a: argparse.Namespace) -> dict:
         cfg = TrainConfig(model=task.model, task=task.hf_task, data=task.data, method=row.method,
                           output_dir=str(Path(tmp) / "run"), block_size=BLOCK, batch_size=a.batch,
                           max_steps=a.steps, lr=lr, seed=a.seed, save_steps=a.steps, logging_steps=1,
-                          max_length=MAX_LENGTH, progress=False)
+                          max_length=MAX_LENGTH, progress=False, optim=row.optim)
         t1 = time.perf_counter()
         out = train(cfg, adapter=None if row.method == "full" else kw, model=model, tokenizer=tok,
                     callbacks=[clock])

@@ -183,3 +183,19 @@ def test_resume_data_aware_method_reuses_checkpoint_config(tiny_model_dir, text_
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(ConfigError, match="holds a 'eva' adapter"):
         train(cfg(tiny_model_dir, text_file, tmp_path / "cut", resume=True, method="lora", max_steps=4, save_steps=2))
+
+
+def test_allora_optimizer_trains_adapters(tiny_model_dir, text_file, tmp_path):
+    from lorakit.core.io import read_tensors
+
+    a = train(cfg(tiny_model_dir, text_file, tmp_path / "a", max_steps=3, save_steps=3, lr=1e-2),
+              adapter={"r": 4, "alpha": 4, "dropout": 0.0})
+    b = train(cfg(tiny_model_dir, text_file, tmp_path / "b", max_steps=3, save_steps=3, lr=1e-2, optim="allora",
+                  allora_eta=0.5), adapter={"r": 4, "alpha": 4, "dropout": 0.0})
+    ta, tb = read_tensors(a.adapter_dir), read_tensors(b.adapter_dir)
+    assert ta.keys() == tb.keys() and any(not torch.equal(ta[k], tb[k]) for k in ta)  # the row scaling acts
+    assert all(h["loss"] == h["loss"] for h in b.log["history"] if "loss" in h)
+    with pytest.raises(ConfigError, match="needs an adapter method"):
+        TrainConfig(method="full", optim="allora")
+    with pytest.raises(ConfigError, match="allora_eta must be"):
+        TrainConfig(optim="allora", allora_eta=0)

