@@ -33,7 +33,14 @@ EPILOGS = {
     "eval": """examples:
   lorakit eval --model smollm2-135m --data chichewa-heldout
   lorakit eval --adapter runs/lorakit/adapter --data chichewa-heldout --data kjv-heldout
-  lorakit eval --model minilm-l6 --task seq-cls --adapter runs/bbc/adapter --data bbc-news""",
+  lorakit eval --model minilm-l6 --task seq-cls --adapter runs/bbc/adapter --data bbc-news
+  lorakit eval --adapter runs/ny/adapter --suite bible-next-verse bible-match --limit 100 --report runs/ny/suite.json
+  lorakit eval --suite afrixnli_yor.jsonl afrimgsm_hau.jsonl --shots 5 --mode in-language --mode translate-test
+(--suite: an IrokoBench-style runner, lorakit.lang.evalsuite. Tasks are built-in names
+ (bible-match, bible-next-verse, dialog-reply, bbc-topic) or JSONL files of items
+ {"lang", "prompt", "choices" + "answer" | "label" (+ "labels") | "answer" (generation), and
+ optional "prompt_en", "choices_en" for translate-test}; multiple choice and classification are
+ scored by log-likelihood, generation by exact match. Prints a table per task and language.)""",
     "export": """examples:
   lorakit export --adapter runs/lorakit/adapter --out merged-model            # merged HF model dir
   lorakit export --adapter runs/lorakit/adapter --out peft-adapter --format peft
@@ -139,6 +146,16 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--block-size", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--json", action="store_true", help="print JSON only")
+    e.add_argument("--suite", nargs="+", default=None, metavar="TASK",
+                   help="IrokoBench-style task suite: built-in task names or JSONL files (see below)")
+    e.add_argument("--mode", action="append", default=None, choices=["in-language", "translate-test"],
+                   help="--suite: evaluation mode, repeatable (default: both)")
+    e.add_argument("--shots", type=int, default=0, help="--suite: in-context demonstrations per item")
+    e.add_argument("--pmi", action="store_true",
+                   help="--suite: also score choices by PMI (log-likelihood minus the unconditional one)")
+    e.add_argument("--limit", type=int, default=None, help="--suite: at most this many items per task (and language)")
+    e.add_argument("--max-new-tokens", type=int, default=32, help="--suite: generation length")
+    e.add_argument("--report", default=None, help="--suite: write the JSON report here (and the table as .md)")
 
     x = verb("export", "Merge an adapter into its base model, or write it in PEFT format.")
     _model_args(x)
@@ -330,6 +347,8 @@ def _load(args, task="causal-lm"):
         model.config.pad_token_id = tok.pad_token_id
     if args.adapter:
         lorakit.load(model, args.adapter)
+        # an adapter that extended the vocabulary carries its tokenizer
+        tok = lorakit.core.io.load_tokenizer(args.adapter) or tok
     return model, tok
 
 
@@ -354,6 +373,8 @@ def _eval_lm(model, tok, name, block_size, batch_size) -> dict:
 
 
 def cmd_eval(args) -> int:
+    if args.suite:
+        return _eval_suite(args)
     model, tok = _load(args, args.task)
     results = {}
     for name in args.data or (["bbc-news"] if args.task == "seq-cls" else ["chichewa-heldout"]):
@@ -413,6 +434,12 @@ def cmd_info(args) -> int:
         print(f"rank        {rank}")
     print(f"parameters  {info['parameters']:,}  ({info['bytes'] / 1e6:.2f} MB, {', '.join(info['dtypes'])})")
     print(f"base model  {info['base_model']}")
+    if info.get("new_rows"):
+        nr = info["new_rows"]
+        print(f"new rows    {nr['n_new']} vocabulary rows after the base's {nr['n_old']} "
+              f"({'tied' if nr['tied'] else 'untied'} LM head)")
+    if info.get("tokenizer"):
+        print(f"tokenizer   {', '.join(info['tokenizer'])}")
     print("config      " + json.dumps(cfg))
     return 0
 
@@ -598,6 +625,27 @@ def cmd_augment(args) -> int:
                                     generator_model=args.generator, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, seed=args.seed)
     print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def _eval_suite(args) -> int:
+    from lorakit.errors import ConfigError
+    from lorakit.lang.evalsuite import format_table, run_suite, write_report
+
+    if args.data or args.task != "causal-lm":
+        raise ConfigError("--suite scores a causal LM on its own tasks; it takes no --data / --task")
+    model, tok = _load(args)
+    report = run_suite(model, tok, args.suite, modes=args.mode or ["in-language", "translate-test"],
+                       shots=args.shots, pmi=args.pmi, limit=args.limit, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, model_name=args.model, adapter=args.adapter)
+    if args.report:
+        write_report(report, args.report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+        if args.report:
+            print(f"report written to {args.report} (+ {Path(args.report).with_suffix('.md').name})")
     return 0
 
 

