@@ -343,6 +343,23 @@ def inject_seeded(model: nn.Module, config: LoraConfig, name: str, seed: int) ->
         lorakit.inject(model, config, name=name, activate=False)
 
 
+def inject_generated(model: nn.Module, config: LoraConfig, name: str, seed: int,
+                     tensors: Mapping[str, torch.Tensor], activate: bool = True) -> nn.Module:
+    """Inject LoRA `name` (seeded init, then overwritten) holding the generated `tensors`; on a
+    mismatch the adapter is removed again. With `activate` it joins the active adapters."""
+    from lorakit.core.inject import state
+
+    inject_seeded(model, config, name, seed)
+    try:
+        set_adapter_state(model, name, tensors)
+    except ConfigError:
+        lorakit.delete(model, name)
+        raise
+    if activate:
+        lorakit.activate(model, list(dict.fromkeys(state(model).active + [name])))
+    return model
+
+
 def train_task_lora(model: nn.Module, task: Task, config: TaskLoraConfig,
                     name: str = "_task_lora") -> list[dict[str, torch.Tensor]]:
     """Fine-tune a LoRA on `task.train` and return its parameter snapshots (oldest first, the

@@ -55,15 +55,15 @@ from torch.func import functional_call
 
 import lorakit
 from lorakit.core.adapter import check_finite_nonneg, check_positive_int
-from lorakit.core.inject import plan_injection, state
+from lorakit.core.inject import plan_injection
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.fsutil import atomic_dir
 from lorakit.generators.family import (
     Task,
     hidden_states,
+    inject_generated,
     inject_seeded,
     only_active,
-    set_adapter_state,
 )
 from lorakit.methods.lora import LoraConfig
 
@@ -290,15 +290,7 @@ class GenerativeAdapter(nn.Module):
         """Inject the LoRA generated from `context` into `model` as adapter `name` (a normal
         lorakit "lora" adapter: `lorakit.save`, `load`, `merge`, PEFT export all apply)."""
         tensors = self.generate_state(model, context, attention_mask)
-        inject_seeded(model, self.lora_config(), name, self.config.seed)  # init is overwritten below
-        try:
-            set_adapter_state(model, name, tensors)
-        except ConfigError:
-            lorakit.delete(model, name)
-            raise
-        if activate:
-            lorakit.activate(model, list(dict.fromkeys(state(model).active + [name])))
-        return model
+        return inject_generated(model, self.lora_config(), name, self.config.seed, tensors, activate)
 
     def _check_model(self, model: nn.Module) -> None:
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)

@@ -59,17 +59,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-import lorakit
 from lorakit.core.adapter import check_finite_nonneg, check_nonneg_int, check_positive_int
-from lorakit.core.inject import state
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.fsutil import atomic_dir
 from lorakit.generators.family import (
     POOLS,
     Task,
     TaskLoraConfig,
-    inject_seeded,
-    set_adapter_state,
+    inject_generated,
     task_embedding,
     train_task_loras,
 )
@@ -249,15 +246,7 @@ class IcmLoraGenerator(nn.Module):
                          attention_mask: torch.Tensor | None = None) -> nn.Module:
         """Inject the generated LoRA into `model` as adapter `name` (a normal lorakit LoRA)."""
         tensors = self.generate_state(model, context, seed, attention_mask)
-        inject_seeded(model, self.task_lora.lora_config(), name, self.task_lora.seed)
-        try:
-            set_adapter_state(model, name, tensors)
-        except ConfigError:
-            lorakit.delete(model, name)
-            raise
-        if activate:
-            lorakit.activate(model, list(dict.fromkeys(state(model).active + [name])))
-        return model
+        return inject_generated(model, self.task_lora.lora_config(), name, self.task_lora.seed, tensors, activate)
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
