@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -54,6 +53,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _proc import log, release_and_reset_peak, vm_mb  # benchmarks/_proc.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -87,32 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ============================================================================== the child
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def vm(field: str) -> float | None:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return None
-
-
-def release_and_reset_peak() -> None:
-    """Give freed heap back to the OS (glibc's malloc_trim, tcmalloc's ReleaseFreeMemory: e.g.
-    the fp32 weights a quantized or pruned variant dropped), then make VmHWM = current RSS."""
-    import ctypes
-
-    gc.collect()
-    for lib, fn in ((None, "MallocExtension_ReleaseFreeMemory"), ("libc.so.6", "malloc_trim")):
-        try:
-            f = getattr(ctypes.CDLL(lib), fn)
-        except (OSError, AttributeError):
-            continue
-        f(0) if fn == "malloc_trim" else f()
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def full_params(model) -> None:
     for p in model.parameters():
         p.requires_grad_(True)
@@ -198,7 +173,7 @@ def run_child(a) -> dict:
     model.train()
 
     release_and_reset_peak()
-    result["rss_before_steps_mb"] = vm("VmRSS")
+    result["rss_before_steps_mb"] = vm_mb("VmRSS")
     times, losses, state = [], [], 0
     for step in range(a.steps):
         t = time.perf_counter()
@@ -223,7 +198,7 @@ def run_child(a) -> dict:
         losses.append(float(loss.detach()))
         state = max(state, state_bytes(opt))
         log(f"[{v}] step {step + 1}/{a.steps} {times[-1]:.2f}s loss {losses[-1]:.3f}")
-    result.update(step_peak_rss_mb=vm("VmHWM"), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    result.update(step_peak_rss_mb=vm_mb("VmHWM"), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   optimizer_state_mb=state / 2**20, median_step_s=statistics.median(times[1:] or times),
                   first_step_s=times[0], losses=losses, final_loss=statistics.fmean(losses[-5:]))
     del opt, teacher

@@ -65,6 +65,8 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from _proc import log, reset_peak_rss, vm_mb  # benchmarks/_proc.py (the script's folder is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "train_step.json"
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -128,30 +130,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ============================================================================ the child
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def proc_status_mb(field: str) -> float | None:
-    """VmRSS / VmHWM of this process in MB (Linux), else None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so later peaks are the steps' own."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def bf16_support() -> tuple[bool, str]:
     import torch
 
@@ -294,7 +272,7 @@ def run_child(a: argparse.Namespace) -> dict:
     import gc
 
     gc.collect()
-    result["rss_before_steps_mb"] = proc_status_mb("VmRSS")
+    result["rss_before_steps_mb"] = vm_mb("VmRSS")
     peak_reset = reset_peak_rss()
     times, losses = [], []
     for i in range(n):
@@ -314,7 +292,7 @@ def run_child(a: argparse.Namespace) -> dict:
         compile_s=round(times[0] - statistics.median(timed), 2) if compile_ else None,
         losses=losses,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        step_peak_rss_mb=proc_status_mb("VmHWM") if peak_reset else None,
+        step_peak_rss_mb=vm_mb("VmHWM") if peak_reset else None,
     )
     return result
 
