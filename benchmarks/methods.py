@@ -122,6 +122,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from _proc import log, release_and_reset_peak, vm_mb  # benchmarks/_proc.py (the script's folder is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SMOOTH = 10  # trailing window of the loss smoothing for "steps to LoRA's final loss"
@@ -338,40 +340,6 @@ def lr_for(a: argparse.Namespace, task: str, row: str) -> float:
 
 
 # ============================================================================ the children
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def vm_mb(field_name: str) -> float | None:
-    """VmRSS / VmHWM of this process in MB (Linux), else None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def release_and_reset_peak() -> bool:
-    """Return freed heap to the OS (tcmalloc / glibc), then VmHWM := current RSS."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    for lib, fn in ((None, "MallocExtension_ReleaseFreeMemory"), ("libc.so.6", "malloc_trim")):
-        try:
-            f = getattr(ctypes.CDLL(lib), fn)
-        except (OSError, AttributeError):
-            continue
-        f(0) if fn == "malloc_trim" else f()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def quiet_libraries() -> None:
     import warnings
 
