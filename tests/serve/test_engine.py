@@ -331,18 +331,3 @@ def test_gpt2_conv1d_layers(tmp_path):
         out = ref.generate(torch.tensor([req.prompt]), max_new_tokens=req.max_new_tokens, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
         assert r.tokens == out[0, len(req.prompt):].tolist()
-
-
-def test_decode_segments_read_each_adapter_once_per_segment(adapter_dir):
-    from lorakit.serve.engine import SEGMENT_ROWS
-
-    eng = engine(adapter_dir, max_batch=9)
-    rows, slots = eng._segments([0, 2, 3, 4, 5, 6, 8], [7, 7, 7, 7, 7, 7, 1], 9)
-    assert SEGMENT_ROWS == 4 and rows.tolist() == [[0, 2, 3, 4], [5, 6, 9, 9], [8, 9, 9, 9]]  # 9 = scratch row
-    assert slots.tolist() == [7, 7, 1]
-    assert eng._segments([0, 1], [3, 4], 2) is None  # nobody shares: the per-row form
-    # a popular adapter on 6 rows (two segments) next to other adapters and base rows
-    names = ["r4"] * 6 + ["r2", None, "r2"]
-    reqs = [Request(p, adapter=a, max_new_tokens=6, stop_token_ids=[]) for p, a in zip(prompts(9, seed=5), names)]
-    for req, res in zip(reqs, eng.generate(reqs)):
-        assert res.error is None and res.tokens == alone_lorakit(adapter_dir, req), req.adapter

@@ -11,12 +11,6 @@ as one gathered batched matmul per rank group:
     rows_g, slots_g                                            rows of the batch in group g, their slots
     y[rows_g] += bmm(bmm(x[rows_g], A_g[slots_g]), B_g[slots_g])   x: (n, L, d_in) -> (n, L, r_g) -> (n, L, d_out)
 
-At decode (one token per row) rows that use the same adapter are gathered into segments of up
-to `SEGMENT_ROWS` rows, and the bmm pair runs over (segments, rows per segment): each adapter's
-factors are read once per segment instead of once per row. Reading the factors is the main
-cost of the LoRA part at decode (popular adapters fill several rows of a batch), the
-segmented multiply of S-LoRA / Punica's SGMV.
-
 Rank groups: an adapter's rank r (its largest per-module rank) is padded up to the next power
 of two (`rank_groups="pow2"`, the default: at most 2x padding, and a handful of groups) or
 grouped exactly (`"exact"`: no padding, one group per distinct rank). Padded rank columns are
@@ -150,10 +144,6 @@ class _Seq:
 
 # -- batched LoRA layer ---------------------------------------------------------------------
 
-#: Decode segments hold at most this many rows of one adapter: popular adapters are read a few
-#: times per step instead of padding every segment to the most popular adapter's row count.
-SEGMENT_ROWS = 4
-
 
 @dataclass(frozen=True)
 class _Plan:
@@ -162,10 +152,6 @@ class _Plan:
     batch: int
     # (rank group, rows of the batch (None = all rows), their slots, modules the group adapts)
     groups: tuple[tuple[int, torch.Tensor | None, torch.Tensor, frozenset[str]], ...]
-    # decode form, one entry per group: (segment rows (S, K), segment slots (S,)). Rows that use
-    # the same slot share segments of up to K rows, so each adapter's factors are read once per
-    # segment instead of once per row; unused places hold `batch` (a scratch row).
-    segments: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] = ()
 
 
 class _Routing:
@@ -195,14 +181,14 @@ class ServingLinear(nn.Module):
         # (until a request joins or leaves), so each step skips the gather copies
         self._gathered: tuple[_Plan | None, dict] = (None, {})
 
-    def _factors(self, plan: _Plan, g: int, slots: torch.Tensor, form: str = "rows") -> tuple[torch.Tensor, torch.Tensor]:
+    def _factors(self, plan: _Plan, g: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cached_plan, cache = self._gathered
         if cached_plan is not plan:
             cache = {}
             self._gathered = (plan, cache)
-        if (form, g) not in cache:
-            cache[form, g] = (self.a[g].index_select(0, slots), self.b[g].index_select(0, slots))
-        return cache[form, g]
+        if g not in cache:
+            cache[g] = (self.a[g].index_select(0, slots), self.b[g].index_select(0, slots))
+        return cache[g]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
@@ -214,29 +200,13 @@ class ServingLinear(nn.Module):
             x, out = x.unsqueeze(1), out.unsqueeze(1)
         if x.shape[0] != plan.batch:
             raise RuntimeError(f"{self.path}: batch has {x.shape[0]} rows but the routing plan has {plan.batch}")
-        decode = x.shape[1] == 1 and bool(plan.segments)
-        xz = acc = None
-        for i, (g, rows, slots, modules) in enumerate(plan.groups):
+        for g, rows, slots, modules in plan.groups:
             if self.path not in modules:  # no adapter of this group adapts this layer
                 continue
-            seg = plan.segments[i] if decode else None
-            if seg is None:
-                a, b = self._factors(plan, g, slots)  # (n, d_in, r_g), (n, r_g, d_out)
-                xs = x if rows is None else x.index_select(0, rows)  # (n, L, d_in)
-                y = torch.bmm(torch.bmm(xs.to(a.dtype), a), b).to(out.dtype)  # (n, L, r_g) -> (n, L, d_out)
-                out = out + y if rows is None else out.index_add(0, rows, y)
-                continue
-            # decode segments: y[seg rows] += (x[seg rows] A_slot) B_slot, one bmm pair over
-            # (segments, K rows); each segment's factors are read once, not once per row
-            seg_rows, seg_slots = seg
-            if xz is None:
-                xz = torch.cat([x.squeeze(1), x.new_zeros(1, x.shape[-1])])  # (n + 1, d_in): row n is scratch
-                acc = out.new_zeros(plan.batch + 1, out.shape[-1])
-            a, b = self._factors(plan, g, seg_slots, "segments")  # (S, d_in, r_g), (S, r_g, d_out)
-            y = torch.bmm(torch.bmm(xz[seg_rows].to(a.dtype), a), b)  # (S, K, d_in) -> (S, K, r_g) -> (S, K, d_out)
-            acc.index_add_(0, seg_rows.reshape(-1), y.reshape(-1, y.shape[-1]).to(out.dtype))
-        if acc is not None:
-            out = out + acc[: plan.batch].unsqueeze(1)
+            a, b = self._factors(plan, g, slots)  # (n, d_in, r_g), (n, r_g, d_out)
+            xs = x if rows is None else x.index_select(0, rows)  # (n, L, d_in)
+            y = torch.bmm(torch.bmm(xs.to(a.dtype), a), b).to(out.dtype)  # (n, L, r_g) -> (n, L, d_out)
+            out = out + y if rows is None else out.index_add(0, rows, y)
         return out.squeeze(1) if flat else out
 
 
@@ -720,31 +690,11 @@ class Engine:
             rows.append(i)
             slots.append(s)
             mods |= self._groups[g].modules[s]
-        groups, segments = [], []
+        groups = []
         for g, (rows, slots, mods) in sorted(by_group.items()):
             rows_t = None if len(rows) == len(seqs) else torch.tensor(rows, device=self.device)
             groups.append((g, rows_t, torch.tensor(slots, device=self.device), frozenset(mods)))
-            segments.append(self._segments(rows, slots, len(seqs)))
-        return _Plan(len(seqs), tuple(groups), tuple(segments))
-
-    def _segments(self, rows: list[int], slots: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Rows grouped by slot into segments of at most K rows (K = the largest number of rows
-        sharing a slot, capped at SEGMENT_ROWS); free places point at the scratch row n. None
-        when no two rows share a slot (the per-row form reads the same factors, with less work)."""
-        by_slot: dict[int, list[int]] = {}
-        for r, s in zip(rows, slots):
-            by_slot.setdefault(s, []).append(r)
-        if len(by_slot) == len(rows):
-            return None
-        k = min(SEGMENT_ROWS, max(len(v) for v in by_slot.values()))
-        seg_rows, seg_slots = [], []
-        for s, rs in by_slot.items():
-            for i in range(0, len(rs), k):
-                chunk = rs[i:i + k]
-                seg_rows.append(chunk + [n] * (k - len(chunk)))
-                seg_slots.append(s)
-        return (torch.tensor(seg_rows, dtype=torch.long, device=self.device),
-                torch.tensor(seg_slots, dtype=torch.long, device=self.device))
+        return _Plan(len(seqs), tuple(groups))
 
     def _forward(self, plan: _Plan, ids, mask, pos, cache) -> torch.Tensor:
         """Last-position logits (B, V) in float32."""
