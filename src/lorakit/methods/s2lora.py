@@ -63,12 +63,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorakit.core.adapter import AdapterConfig, LayerSpec, check_positive_int, check_range, keep_ranks_
+from lorakit.core.adapter import AdapterConfig, LayerSpec, check_positive_int, keep_ranks_
 from lorakit.core.inject import adapter_modules, check_not_merged, state
 from lorakit.core.registry import register_method
 from lorakit.core.shared import check_key, set_shared, share_parameter, shared_names
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.methods.sora import Sora, sora_proximal_step
+from lorakit.methods.sora import Sora, check_gate_fields, sora_proximal_step
 
 SHARES = ("ab", "a", "b")
 SHARE_BY = ("shape", "role")
@@ -100,22 +100,13 @@ class S2LoraConfig(AdapterConfig):
         check_positive_int("r", self.r)
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha < math.inf:
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
-        lam = self.sparse_lambda
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam >= 0 or math.isinf(lam):
-            raise ConfigError(f"sparse_lambda must be a finite number >= 0, got {lam!r}")
-        if not isinstance(self.lr_scaled, bool):
-            raise ConfigError(f"lr_scaled must be true or false, got {self.lr_scaled!r}")
+        check_gate_fields(self, "group")
         if self.share not in SHARES:
             raise ConfigError(f"share must be one of {SHARES}, got {self.share!r}")
         if self.share_by not in SHARE_BY:
             raise ConfigError(f"share_by must be one of {SHARE_BY}, got {self.share_by!r}")
-        check_range("dropout", self.dropout, 0.0, 1.0)
-        if not isinstance(self.ranks, dict):
-            raise ConfigError(f"ranks must be a mapping of group to rank, got {self.ranks!r}")
-        for k, v in self.ranks.items():
+        for k in self.ranks:
             check_key(k)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= self.r:
-                raise ConfigError(f"ranks[{k!r}] must be an integer between 0 and r={self.r}, got {v!r}")
 
     def threshold(self, lr: float) -> float:
         """How far one proximal step moves each coefficient towards 0 (SoRA's rule)."""

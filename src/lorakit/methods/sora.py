@@ -39,6 +39,22 @@ from lorakit.errors import ConfigError
 GATE_INITS = ("normal", "ones")
 
 
+def check_gate_fields(cfg, ranks_key: str) -> None:
+    """Validate the fields gated methods share: sparse_lambda, lr_scaled, dropout and `ranks`
+    (a mapping `ranks_key` -> rank in [0, r]); used by SoRA and S2-LoRA."""
+    lam = cfg.sparse_lambda
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam >= 0 or math.isinf(lam):
+        raise ConfigError(f"sparse_lambda must be a finite number >= 0, got {lam!r}")
+    if not isinstance(cfg.lr_scaled, bool):
+        raise ConfigError(f"lr_scaled must be true or false, got {cfg.lr_scaled!r}")
+    check_range("dropout", cfg.dropout, 0.0, 1.0)
+    if not isinstance(cfg.ranks, dict):
+        raise ConfigError(f"ranks must be a mapping of {ranks_key} to rank, got {cfg.ranks!r}")
+    for k, v in cfg.ranks.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= cfg.r:
+            raise ConfigError(f"ranks[{k!r}] must be an integer between 0 and r={cfg.r}, got {v!r}")
+
+
 @dataclass
 class SoraConfig(AdapterConfig):
     """r: initial (largest) rank; alpha: scale numerator (s = α/r, kept after pruning);
@@ -62,19 +78,9 @@ class SoraConfig(AdapterConfig):
         check_positive_int("r", self.r)
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
-        lam = self.sparse_lambda
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam >= 0 or math.isinf(lam):
-            raise ConfigError(f"sparse_lambda must be a finite number >= 0, got {lam!r}")
-        if not isinstance(self.lr_scaled, bool):
-            raise ConfigError(f"lr_scaled must be true or false, got {self.lr_scaled!r}")
+        check_gate_fields(self, "module path")
         if self.gate_init not in GATE_INITS:
             raise ConfigError(f"gate_init must be one of {GATE_INITS}, got {self.gate_init!r}")
-        check_range("dropout", self.dropout, 0.0, 1.0)
-        if not isinstance(self.ranks, dict):
-            raise ConfigError(f"ranks must be a mapping of module path to rank, got {self.ranks!r}")
-        for k, v in self.ranks.items():
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= self.r:
-                raise ConfigError(f"ranks[{k!r}] must be an integer between 0 and r={self.r}, got {v!r}")
 
     def threshold(self, lr: float) -> float:
         """How far one proximal step moves each gate towards 0."""
