@@ -13,6 +13,8 @@ Python process, so its memory is its own:
     int8-lora       frozen base quantized to int8 (per-group 64) + LoRA r=8
     int4-lora       ... int4                     (target: peak <= 30% of full-adamw's)
     int4-lora-gc    int4 + LoRA with gradient checkpointing (activations recomputed in backward)
+    int4-lora-bf16  int4 + LoRA with bf16 compute (torch.autocast: QLoRA's recipe of 4-bit storage and
+                    16-bit compute; the LoRA weights and AdamW state stay fp32)
     int2-lora       ... int2
     int4-lora-lrec  int4 + LoRA trained with CE + KL to the fp32 model's logits (LREC; the fp32
                     teacher is in memory during training)
@@ -32,7 +34,9 @@ parameters, median step time, training loss, and held-out bits-per-byte after tr
 
 Run (about 30-40 minutes on 2 CPU cores with the defaults):
     PYTHONPATH=src .venv/bin/python benchmarks/memory.py
-    PYTHONPATH=src .venv/bin/python benchmarks/memory.py --steps 4 --variants lora,int4-lora
+    PYTHONPATH=src .venv/bin/python benchmarks/memory.py --steps 4 --variants lora,int4-lora --out /tmp/m.json
+    # re-measure some variants (always with their reference full-adamw) and keep the others' rows:
+    PYTHONPATH=src .venv/bin/python benchmarks/memory.py --variants full-adamw,int4-lora,int4-lora-bf16 --update
 
 Prints a table and writes benchmarks/results/memory.json, whose top level holds
 ``galore_state_ratio`` and ``frugal_state_ratio`` (optimizer state / AdamW's) and
@@ -59,7 +63,8 @@ from _proc import log, release_and_reset_peak, vm_mb  # benchmarks/_proc.py (the
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 VARIANTS = ("full-adamw", "lora", "galore", "frugal", "lisa", "int8-lora", "int4-lora", "int2-lora",
-            "int4-lora-lrec", "int2-lora-lrec", "loram", "loraprune", "int4-lora-gc")
+            "int4-lora-lrec", "int2-lora-lrec", "loram", "loraprune", "int4-lora-gc",
+            "int4-lora-bf16")
 PRUNE_LAYERS = list(range(2, 28))  # LoRAM / LoRAPrune leave the first two and last two layers whole
 
 
@@ -77,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prune-ratio", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "memory.json")
+    p.add_argument("--update", action="store_true",
+                   help="keep the rows of variants not run now from --out (run full-adamw again with them: "
+                        "ratios are taken within one run)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -84,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = sorted(set(a.variants) - set(VARIANTS))
     if bad:
         p.error(f"unknown variants {bad}; choose from {VARIANTS}")
+    if a.update and "full-adamw" not in a.variants:
+        p.error("--update re-measures the reference too: include full-adamw in --variants")
     return a
 
 
@@ -180,6 +190,7 @@ def run_child(a) -> dict:
         if lisa is not None:
             lisa.maybe_switch(step, opt)
         x = batches[step]
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=v.endswith("-bf16"))
         if teacher is not None:
             from lorakit.quant.lrec import lrec_loss
 
@@ -188,7 +199,8 @@ def run_child(a) -> dict:
             loss = lrec_loss(model(input_ids=x).logits, zt, x)
             del zt
         else:
-            loss = causal_lm_training_loss(model, x, x)
+            with autocast:
+                loss = causal_lm_training_loss(model, x, x)
         loss.backward()
         if pruner is not None:
             pruner.step(model, step, a.steps)
@@ -294,6 +306,11 @@ def main(argv=None) -> int:
         if "failed" not in res:
             log(f"   step peak {res['step_peak_rss_mb']:.0f} MB, state {res['optimizer_state_mb']:.1f} MB, "
                 f"{res['median_step_s']:.2f} s/step, bpb {res['heldout_bits_per_byte']:.3f}")
+    if a.update and a.out.exists():
+        ran = {r["variant"] for r in results}
+        kept = [r for r in json.loads(a.out.read_text()).get("results", []) if r.get("variant") not in ran]
+        results = sorted(results + kept, key=lambda r: VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else 99)
+        log(f"kept {len(kept)} earlier rows from {a.out}")
     by = {r["variant"]: r for r in results if "failed" not in r}
     ref = by.get("full-adamw")
     print(table(results, ref))
@@ -305,6 +322,9 @@ def main(argv=None) -> int:
         if "int4-lora" in by:
             summary["int4_peak_ratio"] = by["int4-lora"]["step_peak_rss_mb"] / ref["step_peak_rss_mb"]
             summary["int4_process_peak_ratio"] = by["int4-lora"]["peak_rss_mb"] / ref["peak_rss_mb"]
+        for name, key in (("int4-lora-gc", "int4_gc_peak_ratio"), ("int4-lora-bf16", "int4_bf16_peak_ratio")):
+            if name in by:
+                summary[key] = by[name]["step_peak_rss_mb"] / ref["step_peak_rss_mb"]
     if "lisa" in by and "lora" in by:
         summary["lisa_vs_lora_peak_ratio"] = by["lisa"]["step_peak_rss_mb"] / by["lora"]["step_peak_rss_mb"]
     for k, val in summary.items():

@@ -27,6 +27,7 @@ from lorakit.data.less import (
     lora_parameters,
     per_example_grads,
     prompt_response,
+    response_nll,
     run_select,
     select,
     top_fraction,
@@ -410,6 +411,21 @@ def test_encode_examples_masks_the_prompt():
     assert prompt_response(msgs)[1].startswith("hello there")
     with pytest.raises(ConfigError, match="item 0: expected a string"):
         encode_examples(tok, [{"question": "?"}])
+
+
+def test_response_nll_is_the_per_example_label_loss_in_any_batching():
+    model = _lora_model()
+    model.eval()
+    examples = _examples(n=7, seed=3)
+    for batch_size in (1, 3, 8):
+        sums, counts = response_nll(model, examples, batch_size=batch_size)
+        assert sums.dtype == torch.float64 and counts.tolist() == [int((e["labels"][1:] != -100).sum()) for e in examples]
+        for e, s, c in zip(examples, sums, counts):  # right padding changes nothing
+            with torch.no_grad():
+                loss = model(input_ids=e["input_ids"][None], labels=e["labels"][None]).loss
+            assert float(s / c) == pytest.approx(float(loss), rel=1e-5)
+    with pytest.raises(ConfigError, match="batch_size"):
+        response_nll(model, examples, batch_size=0)
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):

@@ -392,36 +392,15 @@ def _encode(tokenizer, items: Sequence[Any], max_length: int):
     return enc
 
 
-@torch.no_grad()
-def _response_nll(model: nn.Module, encoded: Sequence[dict], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ NLL over response tokens, number of response tokens) per example."""
-    device = next(model.parameters()).device
-    sums, counts = [], []
-    for b0 in range(0, len(encoded), batch_size):
-        batch = encoded[b0:b0 + batch_size]
-        width = max(len(e["input_ids"]) for e in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        labels = torch.full((len(batch), width), _IGNORE, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, e in enumerate(batch):
-            n = len(e["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = e["input_ids"], e["labels"], 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-        target = labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                ignore_index=_IGNORE, reduction="none").view(target.shape)
-        sums.append(nll.sum(1).cpu())
-        counts.append((target != _IGNORE).sum(1).cpu())
-    return torch.cat(sums).double(), torch.cat(counts)
-
-
 def _measure(model, gold, choices, answer, batch_size) -> dict[str, float | None]:
-    sums, counts = _response_nll(model, gold, batch_size)
+    from lorakit.data.less import response_nll
+
+    sums, counts = response_nll(model, gold, batch_size)
     nll = float(sums.sum() / counts.sum())
     out = {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "accuracy": None}
     if choices is not None:
         k, n_labels = len(answer), len(choices) // len(answer)
-        csum, _ = _response_nll(model, choices, batch_size)
+        csum, _ = response_nll(model, choices, batch_size)
         pred = csum.view(k, n_labels).argmin(1)  # the label with the highest log-likelihood
         out["accuracy"] = float((pred == torch.tensor(answer)).double().mean())
     return out

@@ -280,6 +280,25 @@ def collate(examples: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, 
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
+@torch.no_grad()
+def response_nll(model: nn.Module, encoded: Sequence[dict], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ NLL in nats over the label tokens, number of label tokens) per example of
+    ``encode_examples`` output: float64 (n,) and int64 (n,), batched with right padding."""
+    check_positive_int("batch_size", batch_size)
+    device = next(model.parameters()).device
+    sums, counts = [], []
+    for b0 in range(0, len(encoded), batch_size):
+        batch = collate([(e["input_ids"], e["labels"]) for e in encoded[b0:b0 + batch_size]])
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
+        target = batch["labels"][:, 1:].to(device)
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                          ignore_index=IGNORE_INDEX, reduction="none").view(target.shape)
+        sums.append(nll.sum(1).cpu())
+        counts.append((target != IGNORE_INDEX).sum(1).cpu())
+    return torch.cat(sums).double(), torch.cat(counts)
+
+
 # ==== the LoRA parameters and their per-example gradients ========================================
 def lora_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
     """Model-level name -> parameter of adapter ``adapter_name``, in ``named_parameters`` order."""
@@ -1048,6 +1067,7 @@ __all__ = [
     "lora_parameters",
     "per_example_grads",
     "prompt_response",
+    "response_nll",
     "read_records",
     "run_select",
     "select",
