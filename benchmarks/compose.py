@@ -4,7 +4,7 @@ What is run
 -----------
 SmolLM2-135M-Instruct gets one LoRA per task (r 8, alpha 16, every linear layer of the blocks,
 AdamW lr 1e-3 with linear warm-up and decay, ``--steps`` steps of ``--batch`` examples of at
-most 128 tokens, seed 0), on four tasks built from packaged data:
+most 256 tokens, seed 0), on four tasks built from packaged data:
 
     chichewa   Chichewa Bible text (LM)                 bits per byte, held-out books       lower is better
     translate  English -> Chichewa verse translation    bits per byte of the answer,        lower
@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=80, help="optimizer steps per task adapter")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-length", type=int, default=128, help="training tokens per example")
+    p.add_argument("--max-length", type=int, default=256, help="training tokens per example (responses must fit)")
     p.add_argument("--chunk-chars", type=int, default=240, help="characters per Chichewa LM example")
     p.add_argument("--n-eval", type=int, default=64, help="held-out examples per task")
     p.add_argument("--eval-batch", type=int, default=16)
@@ -179,6 +179,17 @@ def task_data(task: str, a: argparse.Namespace) -> dict:
     raise ValueError(task)
 
 
+def trainable(encoded: list[dict], task: str) -> list[dict]:
+    """Drop examples whose response was cut off entirely by --max-length (no label token)."""
+    keep = [e for e in encoded if bool((e["labels"][1:] != -100).any())]
+    if len(keep) < len(encoded):
+        log(f"{task}: {len(encoded) - len(keep)} of {len(encoded)} training examples have no response token "
+            "within --max-length; left out")
+    if not keep:
+        raise SystemExit(f"{task}: no training example fits --max-length")
+    return keep
+
+
 def encoded_eval(tok, task: str, data: dict) -> dict:
     """Encoded held-out examples (never truncated) and what each metric divides by."""
     items = data["eval"]
@@ -232,7 +243,7 @@ def train_steps(model, params: list, batches, steps: int, lr: float, on_batch=No
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses
 
@@ -293,7 +304,7 @@ def merge_settings(method: str, a, n: int) -> dict:
 def adapter_rank(model, name: str) -> int:
     from lorakit.core.inject import adapter_modules
 
-    ranks = {int(m.lora_A.shape[0]) for m in adapter_modules(model, name).values() if hasattr(m, "lora_A")}
+    ranks = [m.to_lora()[0].shape[0] for m in adapter_modules(model, name).values()]
     return max(ranks) if ranks else 0
 
 
@@ -306,7 +317,7 @@ def run(a: argparse.Namespace) -> dict:
         p.requires_grad_(False)
     tasks = a.tasks
     data = {t: task_data(t, a) for t in tasks}
-    train_enc = {t: encode_examples(tok, data[t]["train"], a.max_length) for t in tasks}
+    train_enc = {t: trainable(encode_examples(tok, data[t]["train"], a.max_length), t) for t in tasks}
     evals = {t: encoded_eval(tok, t, data[t]) for t in tasks}
     log("tasks: " + ", ".join(f"{t} {len(train_enc[t])} train / {len(data[t]['eval'])} eval" for t in tasks))
 
@@ -398,7 +409,8 @@ def normalise(res: dict) -> None:
             gap = own[t] - base[t]
             norm[t] = (v - base[t]) / gap if gap else float("nan")
         row["normalized"] = norm
-        row["mean_normalized"] = sum(norm.values()) / len(norm)
+        finite = [v for v in norm.values() if math.isfinite(v)]  # a task no adapter moved is left out
+        row["mean_normalized"] = sum(finite) / len(finite) if finite else float("nan")
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -457,6 +469,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     if a.report:
         res = json.loads(out.read_text())
+        normalise(res)
         print(table(res))
         plot(res, out.with_suffix(".png"))
         return 0
