@@ -128,6 +128,29 @@ def test_requests_joining_between_steps(adapter_dir):
         assert [e.token for e in evs] == ref.tokens
 
 
+def test_running_rows_stay_grouped_so_layers_use_slices(adapter_dir):
+    """Joins in any group order keep each rank group's rows contiguous: the plan holds slices
+    (views, in-place adds), never index tensors, and tokens still equal one-at-a-time runs."""
+    reqs = mixed_requests(n_tokens=(9, 3, 8, 5, 10, 4, 7, 6, 9))
+    eng = engine(adapter_dir, max_batch=6)
+    ids, seen_slices = [], 0
+    for step in range(60):
+        if step < len(reqs):  # one arrival per step, groups in the order of MIXED (not sorted)
+            ids.append(eng.add(reqs[step], collect=True))
+        eng.step()
+        keys = [eng._group_key(s) for s in eng._running]
+        assert keys == sorted(keys)
+        if eng._running:
+            plan = eng._plan_for(eng._running)
+            assert all(rows is None or isinstance(rows, slice) for _, rows, _, _ in plan.groups)
+            seen_slices += sum(isinstance(rows, slice) for _, rows, _, _ in plan.groups)
+        if step >= len(reqs) and not eng.has_work():
+            break
+    assert seen_slices > 0  # several groups did share the batch
+    static = engine(adapter_dir, max_batch=1).generate(reqs)
+    assert [eng.pop_result(rid).tokens for rid in ids] == [r.tokens for r in static]
+
+
 def test_base_rows_match_the_base_model(adapter_dir):
     ps = prompts(4, seed=5)
     reqs = [Request(p, max_new_tokens=6) for p in ps] + [Request(ps[0], adapter="r8", max_new_tokens=6)]

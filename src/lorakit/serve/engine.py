@@ -17,7 +17,10 @@ grouped exactly (`"exact"`: no padding, one group per distinct rank). Padded ran
 zeros, so they add exactly nothing. Modules an adapter does not adapt hold zeros in its slot.
 Nothing is merged into W0 and there is no Python loop over requests in the math: the adapter
 of each row is resolved to (group, slot) once per batch composition (not per layer call);
-the only per-layer Python loop is over the rank groups present in the batch.
+the only per-layer Python loop is over the rank groups present in the batch. The running
+batch is kept ordered by rank group (prefills sort their rows, joining rows are placed at
+their group's end), so each group's rows are one contiguous range: x[rows_g] is a view and
+the update is added in place, with no index copies per layer.
 
 Scheduling (continuous batching). Requests wait in a queue until their adapter is resident in
 the `AdapterPool` (loaded by background threads; a request whose adapter is still loading
@@ -150,8 +153,9 @@ class _Plan:
     """How the current batch maps to slots; built once per batch composition."""
 
     batch: int
-    # (rank group, rows of the batch (None = all rows), their slots, modules the group adapts)
-    groups: tuple[tuple[int, torch.Tensor | None, torch.Tensor, frozenset[str]], ...]
+    # (rank group, rows of the batch: None = all, a slice when contiguous, else an index
+    # tensor; their slots, modules the group adapts)
+    groups: tuple[tuple[int, slice | torch.Tensor | None, torch.Tensor, frozenset[str]], ...]
 
 
 class _Routing:
@@ -204,9 +208,13 @@ class ServingLinear(nn.Module):
             if self.path not in modules:  # no adapter of this group adapts this layer
                 continue
             a, b = self._factors(plan, g, slots)  # (n, d_in, r_g), (n, r_g, d_out)
-            xs = x if rows is None else x.index_select(0, rows)  # (n, L, d_in)
-            y = torch.bmm(torch.bmm(xs.to(a.dtype), a), b).to(out.dtype)  # (n, L, r_g) -> (n, L, d_out)
-            out = out + y if rows is None else out.index_add(0, rows, y)
+            if rows is None or isinstance(rows, slice):  # all rows / a contiguous range: views
+                xs = x if rows is None else x[rows]  # (n, L, d_in)
+                y = torch.bmm(torch.bmm(xs.to(a.dtype), a), b)  # (n, L, r_g) -> (n, L, d_out)
+                (out if rows is None else out[rows]).add_(y.to(out.dtype))  # out: the base's fresh output
+            else:
+                y = torch.bmm(torch.bmm(x.index_select(0, rows).to(a.dtype), a), b)
+                out.index_add_(0, rows, y.to(out.dtype))
         return out.squeeze(1) if flat else out
 
 
@@ -692,9 +700,19 @@ class Engine:
             mods |= self._groups[g].modules[s]
         groups = []
         for g, (rows, slots, mods) in sorted(by_group.items()):
-            rows_t = None if len(rows) == len(seqs) else torch.tensor(rows, device=self.device)
-            groups.append((g, rows_t, torch.tensor(slots, device=self.device), frozenset(mods)))
+            if len(rows) == len(seqs):
+                sel = None
+            elif rows[-1] - rows[0] + 1 == len(rows):  # ascending, so contiguous
+                sel = slice(rows[0], rows[-1] + 1)
+            else:
+                sel = torch.tensor(rows, device=self.device)
+            groups.append((g, sel, torch.tensor(slots, device=self.device), frozenset(mods)))
         return _Plan(len(seqs), tuple(groups))
+
+    @staticmethod
+    def _group_key(seq: _Seq) -> int:
+        """Rows are kept sorted by this: rank group, -1 for rows without an adapter."""
+        return -1 if seq.slot is None else seq.slot[0]
 
     def _forward(self, plan: _Plan, ids, mask, pos, cache) -> torch.Tensor:
         """Last-position logits (B, V) in float32."""
@@ -710,6 +728,7 @@ class Engine:
 
     # -- prefill / decode ------------------------------------------------------------------
     def _prefill(self, seqs: list[_Seq], events: list[TokenEvent]) -> None:
+        seqs = sorted(seqs, key=self._group_key)  # stable: each group's rows contiguous
         n, length = len(seqs), max(len(s.prompt) for s in seqs)
         ids = torch.full((n, length), self.pad_id, dtype=torch.long)
         mask = torch.zeros(n, length, dtype=torch.long)
@@ -801,14 +820,28 @@ class Engine:
         if not self._running:
             self._running, self._cache, self._mask, self._last, self._pos = list(seqs), cache, mask, last, nxt
         else:
+            # each joining row goes to the end of its rank group's range (both sides are sorted)
+            rows = self._running + seqs
+            order = sorted(range(len(rows)), key=lambda i: self._group_key(rows[i]))
+            dest = torch.empty(len(rows), dtype=torch.long)  # row i's new position
+            dest[torch.tensor(order)] = torch.arange(len(rows))
+            n_old = len(self._running)
+            to_old, to_new = dest[:n_old].to(self.device), dest[n_old:].to(self.device)
             length = max(self._mask.shape[1], mask.shape[1])
+
+            def place(old: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+                old, new = _left_pad(old, length, dim), _left_pad(new, length, dim)
+                out = old.new_empty((len(rows), *old.shape[1:]))
+                return out.index_copy_(0, to_old, old).index_copy_(0, to_new, new)
+
             for mine, theirs in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([_left_pad(mine.keys, length, -2), _left_pad(theirs.keys, length, -2)])
-                mine.values = torch.cat([_left_pad(mine.values, length, -2), _left_pad(theirs.values, length, -2)])
-            self._mask = torch.cat([_left_pad(self._mask, length, -1), _left_pad(mask, length, -1)])
-            self._running += seqs
-            self._last = torch.cat([self._last, last])
-            self._pos = torch.cat([self._pos, nxt])
+                mine.keys = place(mine.keys, theirs.keys, -2)
+                mine.values = place(mine.values, theirs.values, -2)
+            self._mask = place(self._mask, mask, -1)
+            self._running = [rows[i] for i in order]
+            perm = torch.tensor(order, device=self.device)  # new row k = old-or-joining row order[k]
+            self._last = torch.cat([self._last, last]).index_select(0, perm)
+            self._pos = torch.cat([self._pos, nxt]).index_select(0, perm)
         self._plan = None
 
     def _keep_rows(self, keep: list[int]) -> None:
