@@ -424,7 +424,7 @@ def run_translora(a) -> dict:
                                      lora_steps=a.tl_steps, overrides=None if gen == "target" else {"generator": gen},
                                      unfiltered=a.tl_unfiltered, seed=a.seed)
         runs[gen] = res
-        log(f"translora {gen}: " + "  ".join(f"{k} {v:.3f}" for k, v in res["accuracy"].items()) +
+        log(f"translora {gen}: " + "  ".join(f"{k} {pct(v)}" for k, v in res["accuracy"].items()) +
             f"  ({sum(res['seconds'].values()):.0f} s)")
     return {"runs": runs}
 
@@ -615,9 +615,14 @@ def table(part: str, r: dict) -> str:
         for g in gens:
             rep = r["runs"][g]["trans_lora"]
             disc = rep.get("discriminator") or {}
+            pr = rep.get("p_real") or {}
             lines.append(f"\ngenerator={g}: {rep['n_generated']} synthetic inputs generated, {rep['n_clean']} clean, "
                          f"{rep['n_kept']} kept by the discriminator (train accuracy "
-                         f"{disc.get('train_accuracy', float('nan')):.2f}); {sum(r['runs'][g]['seconds'].values()):.0f} s")
+                         f"{disc.get('train_accuracy', float('nan')):.2f}; p(real) of the candidates: median "
+                         f"{pr.get('median', float('nan')):.3f}, max {pr.get('max', float('nan')):.3f}); "
+                         f"{sum(r['runs'][g]['seconds'].values()):.0f} s")
+            if r["runs"][g].get("trans_lora_error"):
+                lines.append(f"  transfer failed: {r['runs'][g]['trans_lora_error']}")
     elif part == "generators":
         lines = [(f"Adapter generators on {r['n_heldout_tasks']} held-out BBC topic-mixture tasks "
                  f"({r['n_train_tasks']} training tasks; SmolLM2-135M LM loss, nats/token)"),

@@ -338,9 +338,12 @@ def test_transfer_uses_a_given_discriminator_and_filters():
     assert c.disc_name in lorakit.adapter_names(src)  # a given discriminator is not deleted
     # nothing passes a threshold of 1: a clear error, and the target is left untouched
     tgt2 = llama(48, len(tok), 1)
-    with pytest.raises(TransferError, match="no synthetic input survived"):
+    with pytest.raises(TransferError, match="no synthetic input survived") as err:
         transfer_lora(src, tok, "default", tgt2, tok, SEEDS, cfg(threshold=1.0), discriminator=disc)
     assert lorakit.adapter_names(tgt2) == []
+    failed = err.value.report  # what was measured before the failure comes with the error
+    assert failed.n_kept == 0 and failed.n_clean > 0
+    assert 0.0 <= failed.p_real["min"] <= failed.p_real["median"] <= failed.p_real["max"] < 1.0
 
 
 def test_unfiltered_transfer_skips_the_discriminator():

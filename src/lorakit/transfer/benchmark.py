@@ -44,7 +44,9 @@ from lorakit.errors import ConfigError
 from lorakit.methods.lora import LoraConfig
 from lorakit.transfer.trans_lora import (
     Example,
+    TransferError,
     TransLoraConfig,
+    TransLoraReport,
     fit_lora,
     only_active,
     transfer_lora,
@@ -229,11 +231,18 @@ def run_transfer_benchmark(
     lorakit.deactivate(tgt)
 
     t0 = time.perf_counter()
-    _, report = transfer_lora(src, src_tok, "source", tgt, tgt_tok, seeds, cfg,
-                              discriminator_examples=[e.input for e in train])
+    failure = None
+    try:
+        _, report = transfer_lora(src, src_tok, "source", tgt, tgt_tok, seeds, cfg,
+                                  discriminator_examples=[e.input for e in train])
+    except TransferError as e:  # recorded as the row's result: the rows above stay measured
+        failure, report = str(e), e.report or TransLoraReport(n_seeds=len(seeds))
+        acc["target_trans_lora"] = None
+    else:
+        acc["target_trans_lora"] = label_accuracy(tgt, tgt_tok, test, names, cfg.prompt_template,
+                                                  adapters=[cfg.adapter_name])
+        lorakit.deactivate(tgt)
     seconds["trans_lora"] = time.perf_counter() - t0
-    acc["target_trans_lora"] = label_accuracy(tgt, tgt_tok, test, names, cfg.prompt_template, adapters=[cfg.adapter_name])
-    lorakit.deactivate(tgt)
 
     unfiltered_report = None
     if unfiltered:
@@ -259,6 +268,7 @@ def run_transfer_benchmark(
         "chance": 1.0 / len(names),
         "losses": {"source_lora": [round(x, 4) for x in src_losses], "target_real_lora": [round(x, 4) for x in real_losses]},
         "trans_lora": report.as_dict(),
+        "trans_lora_error": failure,
         "trans_lora_unfiltered": unfiltered_report,
         "config": {k: v for k, v in asdict(cfg).items() if k != "adapter"},
         "lora": lora.to_dict(),

@@ -89,7 +89,13 @@ IGNORE = -100
 
 
 class TransferError(LorakitError, RuntimeError):
-    """A transfer stage produced nothing to continue with (e.g. no synthetic input passed the filter)."""
+    """A transfer stage produced nothing to continue with (e.g. no synthetic input passed the filter).
+
+    `report` holds what the stages before the failure measured (a `TransLoraReport`, or None)."""
+
+    def __init__(self, message: str, report: TransLoraReport | None = None):
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass
@@ -800,6 +806,7 @@ class TransLoraReport:
     distill_losses: list[float] = field(default_factory=list)
     kept_examples: list[dict[str, str]] = field(default_factory=list)
     rejected_examples: list[str] = field(default_factory=list)
+    p_real: dict[str, float] | None = None  # min / median / max of p(real) over the filtered candidates
     seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -893,6 +900,7 @@ def transfer_lora(source_model: nn.Module, source_tokenizer, source_adapter: str
             (source_model, source_tokenizer)
         per_round = cfg.candidates_per_round or 2 * cfg.n_synthetic
         kept: list[str] = []
+        scores: list[float] = []
         t_gen = t_filter = 0.0
         for r in range(cfg.max_rounds):
             report.rounds = r + 1
@@ -905,6 +913,7 @@ def transfer_lora(source_model: nn.Module, source_tokenizer, source_adapter: str
             t0 = time.perf_counter()
             if cfg.filter and cands:
                 passed, p = filter_synthetic(discriminator, cands, cfg.threshold)
+                scores += p.tolist()
                 if len(report.rejected_examples) < 5:
                     report.rejected_examples += [c for c, q in zip(cands, p.tolist()) if q < cfg.threshold][:5]
             else:
@@ -917,11 +926,16 @@ def transfer_lora(source_model: nn.Module, source_tokenizer, source_adapter: str
         report.seconds["filter"] = t_filter
         report.n_kept = len(kept)
         report.keep_rate = len(kept) / max(1, report.n_clean)
+        if scores:
+            q = torch.tensor(scores)
+            report.p_real = {"min": float(q.min()), "median": float(q.median()), "max": float(q.max())}
         if not kept:
+            best = f", highest p(real) {report.p_real['max']:.3f}" if report.p_real else ""
             raise TransferError(
                 f"no synthetic input survived after {report.rounds} round(s): {report.n_generated} generated, "
-                f"{report.n_clean} clean, 0 judged real (threshold {cfg.threshold}); raise max_rounds / "
-                "candidates_per_round, lower threshold, or give the discriminator more real examples")
+                f"{report.n_clean} clean, 0 judged real (threshold {cfg.threshold}{best}); raise max_rounds / "
+                "candidates_per_round, lower threshold, use generator='source', or give the discriminator more "
+                "real examples", report)
         # -- 3. teacher labels
         t0 = time.perf_counter()
         outputs = teacher_outputs(source_model, source_tokenizer, kept, source_adapter, cfg)
