@@ -324,11 +324,14 @@ def run(a: argparse.Namespace) -> dict:
     res: dict = {"tasks": tasks, "metric": {t: METRIC[t] for t in tasks}, "adapters": {}, "rows": {}, "latency": {}}
     rows = res["rows"]
 
+    partial = Path(a.out).with_suffix(".partial.json")  # rows so far, should a later stage fail
+
     def score(name: str | None, label: str, kind: str, **info) -> dict:
         lorakit.activate(model, [] if name is None else [name])
         t0 = time.perf_counter()
         metrics = {t: evaluate(model, t, evals[t], a.eval_batch) for t in tasks}
         rows[label] = {"kind": kind, "metrics": metrics, **info}
+        partial.write_text(json.dumps(res, indent=1, default=float) + "\n")
         log(f"{label:18s} " + "  ".join(f"{t} {v:.4f}" for t, v in metrics.items())
             + f"   ({time.perf_counter() - t0:.0f} s)")
         return metrics
@@ -386,6 +389,7 @@ def run(a: argparse.Namespace) -> dict:
             score("multitask", "multitask", "joint", rank=a.rank, steps=a.multitask_steps)
 
     normalise(res)
+    partial.unlink(missing_ok=True)
     lat = res["latency"]
     for label, name in (("base", None), ("single LoRA", tasks[0]), ("svd", "m_svd"), ("cat", "m_cat"),
                         ("ties", "m_ties"), ("meteora", "meteora")):

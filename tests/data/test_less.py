@@ -413,6 +413,21 @@ def test_encode_examples_masks_the_prompt():
         encode_examples(tok, [{"question": "?"}])
 
 
+@pytest.mark.parametrize("template", [None, "chatml"])
+def test_chat_response_is_the_last_turn_even_when_it_occurs_in_the_markers(template):
+    """A reply such as "e" or "a" also occurs in "<|im_end|>" / "<|assistant|>": the split must be
+    at the last turn, not at the last occurrence of the text."""
+    tok = tiny_tokenizer()
+    if template:
+        tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    for user, reply in (("b", "e"), ("assistant", "a"), ("say end", "end"), ("hi", "hello there")):
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        prompt, response = prompt_response({"messages": msgs}, tok)
+        assert response.startswith(reply) and prompt.endswith("assistant\n" if template else "<|assistant|>\n")
+        assert user in prompt
+
+
 def test_response_nll_is_the_per_example_label_loss_in_any_batching():
     model = _lora_model()
     model.eval()

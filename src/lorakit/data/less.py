@@ -236,7 +236,18 @@ def prompt_response(item: Any, tokenizer=None, where: str = "item") -> tuple[str
         if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                                    for m in msgs):
             full = render_chat(msgs, tokenizer)
-            cut = full.rfind(msgs[-1]["content"])
+            # the prompt is what the conversation renders to up to the last message's turn header;
+            # search its content only after that (a short reply such as "e" also occurs inside
+            # role markers like "<|im_end|>")
+            head = render_chat(msgs[:-1], tokenizer) if len(msgs) > 1 else ""
+            if tokenizer is not None and getattr(tokenizer, "chat_template", None) and len(msgs) > 1:
+                gen = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+                if full.startswith(gen) and full[len(gen):].startswith(msgs[-1]["content"]):
+                    return gen, full[len(gen):]
+            if full.endswith(msgs[-1]["content"]):  # the plain layout ends with the content
+                cut = len(full) - len(msgs[-1]["content"])
+            else:
+                cut = full.find(msgs[-1]["content"], len(head) if full.startswith(head) else 0)
             return (full[:cut], full[cut:]) if cut >= 0 else ("", full)
     raise ConfigError(
         f"{where}: expected a string, a (prompt, response) pair, or a record with 'prompt'+'response', 'text', "
