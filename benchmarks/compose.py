@@ -42,7 +42,7 @@ Latency: milliseconds per generated token (greedy, batch 1, decode only: (t(1 + 
 for n = ``--latency-tokens``, median of ``--latency-repeats``) for the base model, one LoRA, the
 merges at their ranks left unmerged, MeteoRA, and the cat merge folded into the weights.
 
-    python benchmarks/compose.py                  # ~30 min on 2 CPU cores; writes results/compose.{json,png}
+    python benchmarks/compose.py                  # ~65 min on 2 CPU cores; writes results/compose.{json,png}
     python benchmarks/compose.py --smoke --out /tmp/compose.json
     python benchmarks/compose.py --report         # tables and plot from the JSON
 """
