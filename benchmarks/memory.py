@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="default: 2e-4 (LoRA family), 2e-5 (full-parameter)")
@@ -94,6 +94,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown variants {bad}; choose from {VARIANTS}")
     if a.update and "full-adamw" not in a.variants:
         p.error("--update re-measures the reference too: include full-adamw in --variants")
+    if a.update and a.out.exists():  # kept rows must come from a run with the same settings
+        old = json.loads(a.out.read_text()).get("settings", {})
+        differ = {k: (old[k], getattr(a, k)) for k in ("model", "steps", "batch", "seq", "lr", "r", "galore_rank",
+                                                        "frugal_density", "prune_ratio", "seed")
+                  if k in old and old[k] != getattr(a, k)}
+        if differ:
+            p.error(f"--update: {a.out} was measured with other settings ({', '.join(f'{k}={o!r}, now {n!r}' for k, (o, n) in differ.items())}); "
+                    "rerun with the same settings or without --update")
     return a
 
 
