@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--model is a directory with config.json + tokenizer only: build the architecture with "
                         "seeded random weights (speed is what is measured; used on machines without the weights)")
     p.add_argument("--adapter-dir", default=None, help="where adapters are written (default: a temp dir)")
+    p.add_argument("--rank-groups", default="pow2",
+                   help="the engine's rank grouping: pow2, exact, or an int R (pad every adapter to R: one group)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "serving.json"))
     args = p.parse_args(argv)
@@ -86,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown systems {bad}; choose from {SYSTEMS}")
     args.ranks = [int(r) for r in args.ranks.split(",")]
+    if args.rank_groups not in ("pow2", "exact"):
+        if not args.rank_groups.isdigit() or int(args.rank_groups) < max(args.ranks):
+            p.error(f"--rank-groups must be pow2, exact or an int >= the largest rank {max(args.ranks)}")
+        args.rank_groups = int(args.rank_groups)
     args.prompt_len = tuple(int(x) for x in args.prompt_len.split(","))
     args.output_len = tuple(int(x) for x in args.output_len.split(","))
     return args
@@ -173,7 +179,7 @@ def run_engine(model, tok, trace: Trace, args, pool) -> None:
     device start empty with each engine."""
     from lorakit.serve import Engine, Request
 
-    engine = Engine(model, tok, pool, max_batch=args.max_batch, target=list(TARGETS))
+    engine = Engine(model, tok, pool, max_batch=args.max_batch, target=list(TARGETS), rank_groups=args.rank_groups)
     try:
         reqs, nxt = trace.reqs, 0
         t0 = time.perf_counter()

@@ -182,6 +182,19 @@ def test_exact_rank_groups_give_the_same_tokens(adapter_dir):
     assert sorted(pow2._groups) == [2, 4, 8] and sorted(exact._groups) == [2, 4, 8]
 
 
+def test_fixed_rank_group_pads_every_adapter_into_one_group(adapter_dir):
+    reqs = mixed_requests()
+    ref = [r.tokens for r in engine(adapter_dir, max_batch=9).generate(reqs)]
+    fixed = engine(adapter_dir, max_batch=9, rank_groups=8)
+    assert [r.tokens for r in fixed.generate(reqs)] == ref
+    assert sorted(fixed._groups) == [8]
+    # an adapter above the fixed rank is refused by name; the other requests are served
+    small = engine(adapter_dir, max_batch=9, rank_groups=4)
+    res = small.generate([Request(prompts(1)[0], adapter="r8", max_new_tokens=3), reqs[1]])
+    assert res[0].finish_reason == "error" and "'r8' has rank 8" in res[0].error and "rank_groups=4" in res[0].error
+    assert res[1].error is None and res[1].tokens == ref[1]
+
+
 def test_few_slots_are_recycled(adapter_dir):
     reqs = mixed_requests()
     eng = engine(adapter_dir, max_batch=1, max_slots=1)
@@ -296,7 +309,8 @@ def test_request_and_engine_validation(adapter_dir):
     with pytest.raises(AdapterError, match="no adapter pool"):
         Engine(tiny_llama()).add(Request([1], adapter="r2"))
     for kw, msg in [({"max_batch": 0}, "max_batch"), ({"policy": "x"}, "policy"),
-                    ({"rank_groups": "x"}, "rank_groups"), ({"max_batch": 4, "max_slots": 2}, "max_slots")]:
+                    ({"rank_groups": "x"}, "rank_groups"), ({"rank_groups": 0}, "rank_groups"),
+                    ({"rank_groups": True}, "rank_groups"), ({"max_batch": 4, "max_slots": 2}, "max_slots")]:
         with pytest.raises(ConfigError, match=msg):
             Engine(tiny_llama(), **kw)
     m = tiny_llama()

@@ -13,7 +13,10 @@ as one gathered batched matmul per rank group:
 
 Rank groups: an adapter's rank r (its largest per-module rank) is padded up to the next power
 of two (`rank_groups="pow2"`, the default: at most 2x padding, and a handful of groups) or
-grouped exactly (`"exact"`: no padding, one group per distinct rank). Padded rank columns are
+grouped exactly (`"exact"`: no padding, one group per distinct rank), or padded to one fixed
+rank R (`rank_groups=R`: a single group, so one gathered matmul pair per layer whatever the
+mix of ranks; fewer kernel launches for more FLOPs, the better trade on a GPU where decoding
+a small model is launch-bound; an adapter of rank > R is refused). Padded rank columns are
 zeros, so they add exactly nothing. Modules an adapter does not adapt hold zeros in its slot.
 Nothing is merged into W0 and there is no Python loop over requests in the math: the adapter
 of each row is resolved to (group, slot) once per batch composition (not per layer call);
@@ -247,7 +250,8 @@ class Engine:
     max_batch: most rows decoded together.
     target: linears that can carry adapters: "all-linear" (default), a module name / list /
         regex as in `lorakit.inject`, or "adapters" (the union of the pool's adapters' modules).
-    rank_groups: "pow2" (pad each adapter's rank to the next power of two) or "exact".
+    rank_groups: "pow2" (pad each adapter's rank to the next power of two), "exact", or an
+        int R (pad every adapter to rank R: one group; adapters of rank > R are refused).
     max_slots: slots per rank group (adapters resident on the device at once; default
         2·max_batch, so recently used adapters stay resident between requests).
     policy: "continuous" (join/leave between decode steps) or "static".
@@ -261,7 +265,7 @@ class Engine:
         *,
         max_batch: int = 8,
         target: str | list[str] = "all-linear",
-        rank_groups: str = "pow2",
+        rank_groups: str | int = "pow2",
         max_slots: int | None = None,
         policy: str = "continuous",
         eos_token_id: int | Sequence[int] | None = None,
@@ -269,8 +273,9 @@ class Engine:
     ):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if rank_groups not in ("pow2", "exact"):
-            raise ConfigError(f"rank_groups must be 'pow2' or 'exact', got {rank_groups!r}")
+        fixed = isinstance(rank_groups, int) and not isinstance(rank_groups, bool)
+        if not (fixed and rank_groups >= 1) and rank_groups not in ("pow2", "exact"):
+            raise ConfigError(f"rank_groups must be 'pow2', 'exact' or a positive int rank, got {rank_groups!r}")
         if policy not in ("continuous", "static"):
             raise ConfigError(f"policy must be 'continuous' or 'static', got {policy!r}")
         max_slots = 2 * max_batch if max_slots is None else max_slots
@@ -606,10 +611,17 @@ class Engine:
         return admitted
 
     def _rank_group(self, r: int) -> int:
-        return r if self.rank_groups == "exact" else 1 << (r - 1).bit_length()
+        if self.rank_groups == "exact":
+            return r
+        if self.rank_groups == "pow2":
+            return 1 << (r - 1).bit_length()
+        return self.rank_groups  # fixed rank: _acquire refuses adapters above it
 
     def _acquire(self, loaded: LoadedAdapter) -> tuple[int, int] | None:
         """(group, slot) holding `loaded` on the device, copying it in if needed; None if full."""
+        if isinstance(self.rank_groups, int) and loaded.rank > self.rank_groups:
+            raise AdapterError(f"adapter {loaded.name!r} has rank {loaded.rank}, above this engine's fixed "
+                               f"rank_groups={self.rank_groups}; build the engine with a larger rank or 'pow2'")
         g = self._rank_group(loaded.rank)
         group = self._groups.get(g)
         if group is None:
