@@ -76,6 +76,20 @@ def test_jsonl_errors_name_file_and_line(tmp_path, bad_line, message):
         load_texts(f)
 
 
+def test_every_jsonl_reader_names_file_and_line(tmp_path):
+    from lorakit.data import augment, less
+    from lorakit.lang.evalsuite import load_task
+
+    f = _jsonl(tmp_path / "data.jsonl", [{"text": "a"}, '{"text": '])
+    for read in (load_texts, augment.read_records, less.read_records, load_task):
+        with pytest.raises(ConfigError, match=r"data\.jsonl:2: invalid JSON \(Expecting value at column 10\)"):
+            read(f)
+    f.write_bytes(b'{"text": "\xff"}\n')
+    for read in (load_texts, augment.read_records, less.read_records, load_task):
+        with pytest.raises(ConfigError, match=r"data\.jsonl: not UTF-8 text"):
+            read(f)
+
+
 def test_load_texts_argument_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_texts(tmp_path / "missing.txt")

@@ -182,7 +182,7 @@ def test_demonstrations_come_from_other_items_of_the_same_language():
 
 
 BAD_FILES = [
-    (['{"prompt": "x", "choices": ["a", "b"], "answer": 0}', "not json"], r"task.jsonl:2: not valid JSON"),
+    (['{"prompt": "x", "choices": ["a", "b"], "answer": 0}', "not json"], r"task.jsonl:2: invalid JSON"),
     ([{"prompt": "x", "choices": ["a", "b"], "answer": 2}], r":1: 'answer' must be a choice index in \[0, 2\)"),
     ([{"prompt": "x", "choices": ["a", "b"], "answer": "c"}], "is not one of the choices"),
     ([{"prompt": "x", "choices": ["a"], "answer": 0}], "at least 2 non-empty strings"),

@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from lorakit.data.text import read_jsonl, read_utf8
 from lorakit.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -873,17 +874,10 @@ def read_records(path: str | Path) -> list[Record]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such file")
-    lines = p.read_text(encoding="utf-8").splitlines()
     if p.suffix.lower() not in (".jsonl", ".json"):
-        return [{"text": line.strip()} for line in lines if line.strip()]
+        return [{"text": line.strip()} for line in read_utf8(p).splitlines() if line.strip()]
     out = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+    for lineno, rec in read_jsonl(p):
         out.extend(as_records([rec], f"{p}:{lineno}"))
     return out
 

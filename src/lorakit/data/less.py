@@ -1019,19 +1019,12 @@ class SelectConfig(LessConfig):
 
 def read_records(path: str | os.PathLike) -> list[Any]:
     """The records of a .jsonl/.json file (one JSON value per line), or {"text"} per paragraph."""
-    from lorakit.data.text import JSONL_SUFFIXES, load_texts
+    from lorakit.data.text import JSONL_SUFFIXES, load_texts, read_jsonl
 
     path = Path(path)
     if path.suffix not in JSONL_SUFFIXES:
         return [{"text": t} for t in load_texts(path)]
-    out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-    return out
+    return [rec for _, rec in read_jsonl(path)]
 
 
 def run_select(cfg: SelectConfig) -> LessSelection:

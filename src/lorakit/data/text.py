@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,29 +90,39 @@ def load_texts(
 
 
 def _read_plain(file: Path, per: str) -> list[str]:
-    text = _read_utf8(file)
+    text = read_utf8(file)
     docs = [text] if per == "file" else _PARAGRAPH_BREAK.split(text)
     return [d.strip() for d in docs if d.strip()]
 
 
-def _read_utf8(file: Path) -> str:
+def read_utf8(file: Path) -> str:
     try:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{file}: not UTF-8 text ({e})") from e
 
 
-def _read_jsonl(file: Path, tokenizer: PreTrainedTokenizerBase | None) -> list[str]:
-    texts = []
-    for lineno, line in enumerate(_read_utf8(file).splitlines(), start=1):
+def read_jsonl(file: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a UTF-8 JSONL file.
+
+    Raises:
+        ConfigError: the file is not UTF-8, or a line is not JSON; the message starts with
+            ``file:line``.
+    """
+    file = Path(file)
+    for lineno, line in enumerate(read_utf8(file).splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"{file}:{lineno}"
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-        text = render_record(record, tokenizer, where)
+            raise ConfigError(f"{file}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+
+
+def _read_jsonl(file: Path, tokenizer: PreTrainedTokenizerBase | None) -> list[str]:
+    texts = []
+    for lineno, record in read_jsonl(file):
+        text = render_record(record, tokenizer, f"{file}:{lineno}")
         if text.strip():
             texts.append(text)
     return texts

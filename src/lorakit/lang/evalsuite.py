@@ -85,6 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.data.text import read_jsonl
 from lorakit.errors import ConfigError
 from lorakit.evaluate import fused_head
 
@@ -163,17 +164,10 @@ def load_task(path: str | os.PathLike, name: str | None = None) -> Task:
     if not path.is_file():
         raise ConfigError(f"task file not found: {path}")
     raw: list[tuple[int, dict]] = []
-    with path.open(encoding="utf-8") as f:
-        for no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{no}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ConfigError(f"{path}:{no}: each line must be a JSON object, found {type(rec).__name__}")
-            raw.append((no, rec))
+    for no, rec in read_jsonl(path):
+        if not isinstance(rec, dict):
+            raise ConfigError(f"{path}:{no}: each line must be a JSON object, found {type(rec).__name__}")
+        raw.append((no, rec))
     if not raw:
         raise ConfigError(f"{path}: holds no items")
     # classification: the label set of the file, in first-seen order (items may override it)
