@@ -88,7 +88,9 @@ copies every weight into process memory before training (the VM evicts idle memo
 pages, which makes single steps jump ~10x) and runs under tcmalloc when installed, as
 ``lorakit train`` does. Results are written after every run; a rerun skips the (method, task)
 pairs already done with the same settings (``--fresh`` starts over). One LoRA run is repeated
-at the end of each task (``lora_repeat``) to show how much step times drifted during it.
+at the end of each task (``lora_repeat``) to show how much step times drifted during it; it is
+never copied by ``--reuse``, so rows measured now have a LoRA step time from now to compare with
+(the table's step × LoRA divides by the LoRA run of the row's own session).
 
 Run (the full default, 29 rows + the LoRA repeat x 2 tasks: about 75 minutes on 2 quiet CPU cores):
     PYTHONPATH=src .venv/bin/python benchmarks/methods.py
@@ -754,6 +756,14 @@ def summarise(task: str, runs: dict[str, dict], rows: list[str]) -> dict:
     lora_ok = lora is not None and "error" not in lora and lora.get("losses")
     level = smooth(lora["losses"])[-1] if lora_ok else None
     lora_steps = first_reach(lora, level) if lora_ok else None
+    # step times are compared within one measuring session: a row reused from another results
+    # file against that file's LoRA, a row measured now against a LoRA measured now (lora or,
+    # when lora itself was reused, the lora_repeat drift check)
+    timers = [x for x in (lora, runs.get("lora_repeat")) if x is not None and "error" not in x]
+
+    def time_ref(r: dict) -> dict | None:
+        return next((x for x in timers if x.get("reused_from") == r.get("reused_from")), None)
+
     out = {}
     for name in rows:
         r = runs.get(name)
@@ -763,6 +773,7 @@ def summarise(task: str, runs: dict[str, dict], rows: list[str]) -> dict:
             out[name] = {"error": r["error"]}
             continue
         reach = first_reach(r, level) if level is not None and r.get("losses") else None
+        ref = time_ref(r)
         out[name] = {
             "method": r["method"],
             "trainable_params": r["trainable_params"],
@@ -775,7 +786,8 @@ def summarise(task: str, runs: dict[str, dict], rows: list[str]) -> dict:
             "steps_to_lora_loss": reach,
             "steps_to_lora_loss_ratio": reach / lora_steps if reach is not None and lora_steps else None,
             "step_time_s": r["step_time_s"],
-            "step_time_ratio": r["step_time_s"] / lora["step_time_s"] if lora_ok else None,
+            "step_time_ratio": r["step_time_s"] / ref["step_time_s"] if ref is not None else None,
+            "reused_from": r.get("reused_from"),
             "setup_s": r["setup_s"],
             "peak_rss_mb": r["peak_rss_mb"],
             "train_peak_rss_mb": r.get("train_peak_rss_mb"),
@@ -823,9 +835,15 @@ def markdown_table(task: str, summary: dict, with_ranks: bool) -> str:
         def ratio(x):
             return "–" if x is None else f"{x:.2f}"
 
-        lines.append(f"| {name} | {fmt_params(s['trainable_params'])} | {ratio(s['params_ratio'])} | "
+        mark = " †" if s.get("reused_from") else ""
+        lines.append(f"| {name}{mark} | {fmt_params(s['trainable_params'])} | {ratio(s['params_ratio'])} | "
                      f"{fmt_bytes(s['adapter_bytes'])} | {m} | {reach} | {s['step_time_s']:.3f} | "
                      f"{ratio(s['step_time_ratio'])} | {s['peak_rss_mb']:.0f} |{rk}")
+    reused = sorted({s["reused_from"] for s in summary.values() if s.get("reused_from")})
+    if reused:
+        note = (f"† reused from {', '.join(reused)} (same settings, measured in an earlier session): "
+                "its step time × LoRA is against that session's LoRA run")
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -963,7 +981,7 @@ def main(argv=None) -> int:
             if prev is not None and "error" not in prev and prev.get("settings") == want:
                 log(f"== {key}: done before, skipped (--fresh reruns)")
                 continue
-            other = donor["runs"].get(key)
+            other = None if name == "lora_repeat" else donor["runs"].get(key)  # the drift check is measured now
             if other is not None and "error" not in other and other.get("settings") == want:
                 log(f"== {key}: reused from {a.reuse} (same settings)")
                 runs[key] = {**other, "reused_from": str(a.reuse)}
@@ -1002,7 +1020,11 @@ def main(argv=None) -> int:
                   f"first reached at step {ref['lora_steps_to_own_final_loss']}.")
         rep = payload[task].get("lora_repeat")
         lo = payload[task].get("lora")
-        if rep and lo and "error" not in rep and "error" not in lo:
+        if rep and lo and "error" not in rep and "error" not in lo and lo.get("reused_from") != rep.get("reused_from"):
+            print(f"LoRA step time {lo['step_time_s']:.3f} s in {lo['reused_from'] or 'this run'}, "
+                  f"{rep['step_time_s']:.3f} s at the end of {rep['reused_from'] or 'this run'} (different sessions: "
+                  "not a drift measure).")
+        elif rep and lo and "error" not in rep and "error" not in lo:
             print(f"Drift: LoRA step time {lo['step_time_s']:.3f} s first, {rep['step_time_s']:.3f} s at the end "
                   f"({rep['step_time_s'] / lo['step_time_s']:.2f}x).")
     walls = {k: v.get("wall_s") for k, v in runs.items() if any(k.startswith(t + "/") for t in a.tasks)}
