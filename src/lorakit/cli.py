@@ -187,6 +187,9 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LORAKIT_API_KEY)")
     sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together (continuous batching)")
     sv.add_argument("--budget-mb", type=float, default=1024, help="adapter memory pool budget (LRU beyond it)")
+    sv.add_argument("--rank-groups", type=_rank_groups, default="pow2",
+                    help="how adapters of different ranks are batched: pow2 (pad to the next power of two), exact, "
+                         "or an int R (pad all to R: one group, fewest kernels; for GPUs)")
 
     vc = verb("vocab", "Extend a model's vocabulary for a new language, or reduce it to what a corpus uses.")
     vc.add_argument("action", choices=["expand", "reduce"])
@@ -468,10 +471,20 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 40, temperature: flo
     return tok.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def _rank_groups(value: str) -> str | int:
+    """argparse type of `serve --rank-groups`: pow2, exact or a positive int."""
+    if value in ("pow2", "exact"):
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected pow2, exact or a positive integer rank, got {value!r}")
+
+
 def cmd_serve(args) -> int:
     from lorakit.serve.server import main_serve
 
-    return main_serve(args.model, args.adapters, args.host, args.port, args.api_key, args.max_batch, args.budget_mb)
+    return main_serve(args.model, args.adapters, args.host, args.port, args.api_key, args.max_batch, args.budget_mb,
+                      args.rank_groups)
 
 
 def cmd_federate(args) -> int:
