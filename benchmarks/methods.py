@@ -1020,11 +1020,13 @@ def main(argv=None) -> int:
                   f"first reached at step {ref['lora_steps_to_own_final_loss']}.")
         rep = payload[task].get("lora_repeat")
         lo = payload[task].get("lora")
-        if rep and lo and "error" not in rep and "error" not in lo and lo.get("reused_from") != rep.get("reused_from"):
+        if not (rep and lo and "error" not in rep and "error" not in lo):
+            continue
+        if lo.get("reused_from") != rep.get("reused_from"):
             print(f"LoRA step time {lo['step_time_s']:.3f} s in {lo['reused_from'] or 'this run'}, "
                   f"{rep['step_time_s']:.3f} s at the end of {rep['reused_from'] or 'this run'} (different sessions: "
                   "not a drift measure).")
-        elif rep and lo and "error" not in rep and "error" not in lo:
+        else:
             print(f"Drift: LoRA step time {lo['step_time_s']:.3f} s first, {rep['step_time_s']:.3f} s at the end "
                   f"({rep['step_time_s'] / lo['step_time_s']:.2f}x).")
     walls = {k: v.get("wall_s") for k, v in runs.items() if any(k.startswith(t + "/") for t in a.tasks)}

@@ -239,7 +239,6 @@ def prompt_response(item: Any, tokenizer=None, where: str = "item") -> tuple[str
             # the prompt is what the conversation renders to up to the last message's turn header;
             # search its content only after that (a short reply such as "e" also occurs inside
             # role markers like "<|im_end|>")
-            head = render_chat(msgs[:-1], tokenizer) if len(msgs) > 1 else ""
             if tokenizer is not None and getattr(tokenizer, "chat_template", None) and len(msgs) > 1:
                 gen = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
                 if full.startswith(gen) and full[len(gen):].startswith(msgs[-1]["content"]):
@@ -247,6 +246,7 @@ def prompt_response(item: Any, tokenizer=None, where: str = "item") -> tuple[str
             if full.endswith(msgs[-1]["content"]):  # the plain layout ends with the content
                 cut = len(full) - len(msgs[-1]["content"])
             else:
+                head = render_chat(msgs[:-1], tokenizer) if len(msgs) > 1 else ""
                 cut = full.find(msgs[-1]["content"], len(head) if full.startswith(head) else 0)
             return (full[:cut], full[cut:]) if cut >= 0 else ("", full)
     raise ConfigError(
@@ -1071,8 +1071,8 @@ __all__ = [
     "lora_parameters",
     "per_example_grads",
     "prompt_response",
-    "response_nll",
     "read_records",
+    "response_nll",
     "run_select",
     "select",
     "top_fraction",

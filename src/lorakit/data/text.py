@@ -114,9 +114,10 @@ def read_jsonl(file: str | Path) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{file}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+        yield lineno, record
 
 
 def _read_jsonl(file: Path, tokenizer: PreTrainedTokenizerBase | None) -> list[str]:
