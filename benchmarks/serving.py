@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter-dir", default=None, help="where adapters are written (default: a temp dir)")
     p.add_argument("--rank-groups", default="pow2",
                    help="the engine's rank grouping: pow2, exact, or an int R (pad every adapter to R: one group)")
+    p.add_argument("--decode-lora", default="auto", choices=["auto", "concat", "gathered"],
+                   help="the engine's decode-step LoRA form (see lorakit.serve.Engine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "serving.json"))
     args = p.parse_args(argv)
@@ -179,7 +181,8 @@ def run_engine(model, tok, trace: Trace, args, pool) -> None:
     device start empty with each engine."""
     from lorakit.serve import Engine, Request
 
-    engine = Engine(model, tok, pool, max_batch=args.max_batch, target=list(TARGETS), rank_groups=args.rank_groups)
+    engine = Engine(model, tok, pool, max_batch=args.max_batch, target=list(TARGETS),
+                    rank_groups=args.rank_groups, decode_lora=args.decode_lora)
     try:
         reqs, nxt = trace.reqs, 0
         t0 = time.perf_counter()
@@ -205,11 +208,14 @@ def run_engine(model, tok, trace: Trace, args, pool) -> None:
                                    max_new_tokens=r.out_len, stop_token_ids=[]), on_token=on_token(r))
                 nxt += 1
             if engine.has_work():
-                engine.step()
+                if not engine.step():  # all queued requests wait for adapter loads: wait, do not spin
+                    nxt_at = reqs[nxt].arrival - (time.perf_counter() - t0) if nxt < len(reqs) else 0.05
+                    engine.wait_for_adapters(min(0.05, max(nxt_at, 0.0)))
             elif nxt < len(reqs):
                 _sleep_until(t0, reqs[nxt].arrival)
         if errors:
             raise RuntimeError("; ".join(errors[:3]))
+        return dict(engine.counters)
     finally:
         engine.close()
 
@@ -387,17 +393,20 @@ def main(argv=None) -> int:
     for sys_name in args.systems:
         for n in ([None] if sys_name == "base" else args.adapters):
             trace = reset(traces[n if n is not None else args.adapters[0]])  # same prompts for every N
+            counters = None
             for tr in (reset(warm), trace):
                 if sys_name == "lorakit":
-                    run_engine(model, tok, tr, args, pool)
+                    counters = run_engine(model, tok, tr, args, pool)
                 elif sys_name == "base":
-                    run_engine(model, tok, tr, args, None)
+                    counters = run_engine(model, tok, tr, args, None)
                 elif sys_name == "peft":
                     run_peft(peft_model, tr, args, adapter_dir, pad_id, peft_loaded)
                 else:
                     run_merge(model, tr, args, adapter_dir, pad_id)
             m = metrics(trace, args.slo)
             m.update(system=sys_name, n_adapters=n)
+            if counters is not None:
+                m["engine_counters"] = counters
             results.append(m)
             print(f"{sys_name:>8} N={n!s:>5}: {m['throughput_tok_s']:7.1f} tok/s  TTFT p50 {m['ttft_p50_s']:6.2f} s  "
                   f"TPOT {m['tpot_mean_ms']:6.1f} ms  SLO {m['slo_attainment'] * 100:5.1f}%  "

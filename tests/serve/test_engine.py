@@ -82,9 +82,12 @@ def mixed_requests(n_tokens=(5, 9, 3, 7, 6, 8, 4, 10, 6)):
     return [Request(p, adapter=a, max_new_tokens=k) for p, a, k in zip(prompts(len(MIXED)), MIXED, n_tokens)]
 
 
-def test_heterogeneous_batch_equals_lorakit_and_peft_alone(adapter_dir):
+@pytest.mark.parametrize("decode_lora", ["concat", "gathered"])
+def test_heterogeneous_batch_equals_lorakit_and_peft_alone(adapter_dir, decode_lora):
     reqs = mixed_requests()
-    results = engine(adapter_dir, max_batch=len(reqs)).generate(reqs)
+    eng = engine(adapter_dir, max_batch=len(reqs), decode_lora=decode_lora)
+    results = eng.generate(reqs)
+    assert (eng.stats["concat_copies"] > 0) == (decode_lora == "concat")
     for req, res in zip(reqs, results):
         assert res.error is None
         assert res.tokens == alone_lorakit(adapter_dir, req), req.adapter
@@ -99,9 +102,10 @@ def test_adapters_really_change_the_output(adapter_dir):
     assert len(set(outs)) == len(outs)  # every adapter differs from the base and from the others
 
 
-def test_continuous_batching_equals_static_batching(adapter_dir):
+@pytest.mark.parametrize("decode_lora", ["concat", "gathered"])
+def test_continuous_batching_equals_static_batching(adapter_dir, decode_lora):
     reqs = mixed_requests()
-    cont = engine(adapter_dir, max_batch=3)
+    cont = engine(adapter_dir, max_batch=3, decode_lora=decode_lora)
     stat = engine(adapter_dir, max_batch=3, policy="static")
     a, b = cont.generate(reqs), stat.generate(reqs)
     assert [r.tokens for r in a] == [r.tokens for r in b]
@@ -149,6 +153,60 @@ def test_running_rows_stay_grouped_so_layers_use_slices(adapter_dir):
     assert seen_slices > 0  # several groups did share the batch
     static = engine(adapter_dir, max_batch=1).generate(reqs)
     assert [eng.pop_result(rid).tokens for rid in ids] == [r.tokens for r in static]
+
+
+def test_concat_columns_are_reused_and_repacked(adapter_dir):
+    """Decode batches side by side in the concat buffers: an adapter already there is not
+    copied again, one that joins takes the columns of one that left (or the end), the buffers
+    are repacked when dead columns exceed a quarter; every live entry's columns always equal
+    its slot's factors, live entries never overlap, and tokens equal one-at-a-time runs."""
+    names = ["r2", "r4", "r8", "peft4", "ld", "r8", "r2", "ld", "r4", "peft4", "r8", "r2"]
+    ps = prompts(len(names), seed=7)
+    reqs = [Request(p, adapter=a, max_new_tokens=3 + (i * 5) % 9, stop_token_ids=[])
+            for i, (p, a) in enumerate(zip(ps, names))]
+    eng = engine(adapter_dir, max_batch=3)
+    for name in set(names):
+        eng.pool.get(name)  # resident: admission does not depend on load timing
+    ids, plan, rebuild_all = [], None, 0
+    for step in range(200):
+        if step % 2 == 0 and len(ids) < len(reqs):
+            ids.append(eng.add(reqs[len(ids)], collect=True))
+        eng.step()
+        if eng._plan is not plan and eng._plan is not None:  # a new decode plan
+            plan = eng._plan
+            rebuild_all += len({q.slot for q in eng._running})  # copies if nothing were kept
+        spans = []
+        for (g, s, key), (c, r) in eng._cat_cols.items():
+            assert c + r <= eng._cat_width <= eng._cat_cap
+            live = eng._groups[g].keys[s] == key and any(q.slot == (g, s) for q in eng._running)
+            if live:
+                spans.append((c, r))
+                for layer in eng._layers.values():
+                    assert torch.equal(layer.ca[:, c:c + r], layer.a[g][s, :, :r])
+                    assert torch.equal(layer.cb[c:c + r], layer.b[g][s, :r])
+        spans.sort()
+        assert all(c1 + r1 <= c2 for (c1, r1), (c2, _) in zip(spans, spans[1:]))
+        if len(ids) == len(reqs) and not eng.has_work():
+            break
+    st = eng.stats
+    assert st["concat_repacks"] >= 1 and st["concat_copies"] < rebuild_all
+    ref = engine(adapter_dir, max_batch=1, decode_lora="gathered").generate(reqs)
+    assert [eng.pop_result(i).tokens for i in ids] == [r.tokens for r in ref]
+
+
+def test_auto_decode_keeps_the_gathered_form_when_concat_costs_too_much(adapter_dir):
+    reqs = mixed_requests()
+    eng = engine(adapter_dir, max_batch=len(reqs))
+    eng.CONCAT_MAX_BLOWUP = 1  # any batch of two distinct adapters costs more than that
+    for name in {r.adapter for r in reqs} - {None}:
+        eng.pool.get(name)  # resident: all nine are admitted by the first step
+    ids = [eng.add(r, collect=True) for r in reqs]
+    eng.step()  # prefill
+    eng.step()  # first decode step: nine rows, five distinct adapters
+    assert eng._plan.cat_off is None and len(eng._plan.groups) == 3 and eng.stats["concat_copies"] == 0
+    eng.run_until_idle()
+    ref = engine(adapter_dir, max_batch=len(reqs), decode_lora="concat").generate(reqs)
+    assert [eng.pop_result(i).tokens for i in ids] == [r.tokens for r in ref]
 
 
 def test_base_rows_match_the_base_model(adapter_dir):
@@ -310,7 +368,8 @@ def test_request_and_engine_validation(adapter_dir):
         Engine(tiny_llama()).add(Request([1], adapter="r2"))
     for kw, msg in [({"max_batch": 0}, "max_batch"), ({"policy": "x"}, "policy"),
                     ({"rank_groups": "x"}, "rank_groups"), ({"rank_groups": 0}, "rank_groups"),
-                    ({"rank_groups": True}, "rank_groups"), ({"max_batch": 4, "max_slots": 2}, "max_slots")]:
+                    ({"rank_groups": True}, "rank_groups"), ({"max_batch": 4, "max_slots": 2}, "max_slots"),
+                    ({"decode_lora": "fused"}, "decode_lora")]:
         with pytest.raises(ConfigError, match=msg):
             Engine(tiny_llama(), **kw)
     m = tiny_llama()

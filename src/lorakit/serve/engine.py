@@ -25,6 +25,22 @@ batch is kept ordered by rank group (prefills sort their rows, joining rows are 
 their group's end), so each group's rows are one contiguous range: x[rows_g] is a view and
 the update is added in place, with no index copies per layer.
 
+Decode steps (one token per row; `decode_lora="concat"`, taken by "auto" for small batches)
+use the batch's distinct adapters side by side instead, at their own ranks, with no padding
+and no rank groups:
+
+    A_cat: (d_in, w)  B_cat: (w, d_out)     adapters u of the batch in column ranges [c_u, c_u + r_u)
+    y += ((x A_cat) ⊙ M) B_cat              M[i, j] = 1 iff column j belongs to row i's adapter
+
+(a masked fill, so another adapter's column never reaches row i, even as inf). Decoding a
+small batch is memory-bound: this reads each distinct adapter once per step however many
+rows share it (the gathered form reads one copy per row), for B·w instead of Σ_i r_i
+multiply-adds, which costs nothing while the weights' bytes dominate. The column buffers
+outlive batch compositions: an adapter that stays in the batch is not copied again, one that
+joins takes the columns of one that left (first fit) or the end, and the buffers are
+repacked when more than a quarter of the used columns belong to adapters that left. This is
+the role of punica's / S-LoRA's segmented gather kernels (SGMV, MBGMV), in two dense matmuls.
+
 Scheduling (continuous batching). Requests wait in a queue until their adapter is resident in
 the `AdapterPool` (loaded by background threads; a request whose adapter is still loading
 never holds up requests for other adapters) and a slot is free. Each `step()`:
@@ -159,6 +175,12 @@ class _Plan:
     # (rank group, rows of the batch: None = all, a slice when contiguous, else an index
     # tensor; their slots, modules the group adapts)
     groups: tuple[tuple[int, slice | torch.Tensor | None, torch.Tensor, frozenset[str]], ...]
+    # a "concat" decode plan (one token per row): the first `cat_width` columns of every
+    # layer's concat buffers are used; cat_off (B, cat_width) bool marks, per row, the columns
+    # that are not its adapter's; cat_modules: layers any adapter of the batch adapts
+    cat_width: int = 0
+    cat_off: torch.Tensor | None = None
+    cat_modules: frozenset[str] = frozenset()
 
 
 class _Routing:
@@ -187,6 +209,9 @@ class ServingLinear(nn.Module):
         # the per-row factors gathered for the last plan: a decode plan lives for many steps
         # (until a request joins or leaves), so each step skips the gather copies
         self._gathered: tuple[_Plan | None, dict] = (None, {})
+        # concat buffers (d_in, C), (C, d_out): adapters side by side, columns managed by the engine
+        self.ca: torch.Tensor | None = None
+        self.cb: torch.Tensor | None = None
 
     def _factors(self, plan: _Plan, g: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cached_plan, cache = self._gathered
@@ -207,6 +232,18 @@ class ServingLinear(nn.Module):
             x, out = x.unsqueeze(1), out.unsqueeze(1)
         if x.shape[0] != plan.batch:
             raise RuntimeError(f"{self.path}: batch has {x.shape[0]} rows but the routing plan has {plan.batch}")
+        if plan.cat_off is not None:  # a decode step: one token per row
+            if x.shape[1] != 1:
+                raise RuntimeError(f"{self.path}: a decode plan got {x.shape[1]} tokens per row")
+            if self.path in plan.cat_modules:
+                w = plan.cat_width
+                a, b = self.ca[:, :w], self.cb[:w]  # (d_in, w), (w, d_out)
+                h = torch.mm(x[:, 0].to(a.dtype), a).masked_fill_(plan.cat_off, 0)  # (B, w): own columns only
+                if out.dtype == b.dtype:
+                    out[:, 0].addmm_(h, b)
+                else:
+                    out[:, 0].add_(torch.mm(h, b).to(out.dtype))
+            return out.squeeze(1) if flat else out
         for g, rows, slots, modules in plan.groups:
             if self.path not in modules:  # no adapter of this group adapts this layer
                 continue
@@ -231,6 +268,7 @@ class _SlotGroup:
         self.rank = rank
         self.cap = 0
         self.keys: list[tuple[str, int] | None] = []  # (adapter name, load version)
+        self.ranks: list[int] = []  # the adapter's own rank (<= self.rank)
         self.modules: list[frozenset[str]] = []
         self.refs: list[int] = []
         self.last_used: list[int] = []
@@ -255,7 +293,13 @@ class Engine:
     max_slots: slots per rank group (adapters resident on the device at once; default
         2·max_batch, so recently used adapters stay resident between requests).
     policy: "continuous" (join/leave between decode steps) or "static".
+    decode_lora: how decode steps compute the LoRA part: "gathered" (per-row factors, grouped
+        by rank, as prefill does), "concat" (the batch's distinct adapters side by side, each
+        read once per step), or "auto" (default: "concat" unless it costs more than
+        `CONCAT_MAX_BLOWUP` times the gathered form's multiply-adds).
     """
+
+    CONCAT_MAX_BLOWUP = 16  # decode_lora="auto": most B·R_tot / Σ_i r_i multiply-adds to take "concat"
 
     def __init__(
         self,
@@ -270,6 +314,7 @@ class Engine:
         policy: str = "continuous",
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        decode_lora: str = "auto",
     ):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
@@ -278,6 +323,8 @@ class Engine:
             raise ConfigError(f"rank_groups must be 'pow2', 'exact' or a positive int rank, got {rank_groups!r}")
         if policy not in ("continuous", "static"):
             raise ConfigError(f"policy must be 'continuous' or 'static', got {policy!r}")
+        if decode_lora not in ("auto", "concat", "gathered"):
+            raise ConfigError(f"decode_lora must be 'auto', 'concat' or 'gathered', got {decode_lora!r}")
         max_slots = 2 * max_batch if max_slots is None else max_slots
         if isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < max_batch:
             raise ConfigError(f"max_slots must be an integer >= max_batch ({max_batch}), got {max_slots!r}")
@@ -292,6 +339,7 @@ class Engine:
         self.rank_groups = rank_groups
         self.max_slots = max_slots
         self.policy = policy
+        self.decode_lora = decode_lora
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self._check_cache_support()
@@ -312,6 +360,11 @@ class Engine:
             _set_submodule(model, path, layer)
             self._layers[path] = layer
         self._groups: dict[int, _SlotGroup] = {}
+        # concat buffers' columns: (group, slot, adapter key) -> (first column, rank); entries
+        # of adapters no longer in the batch stay until their columns are reused
+        self._cat_cols: dict[tuple, tuple[int, int]] = {}
+        self._cat_width = 0  # columns in use (live or dead) from 0
+        self._cat_cap = 0  # columns allocated
 
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -328,7 +381,7 @@ class Engine:
         self._callbacks: dict[str, Callable[[TokenEvent], None]] = {}
         self._clock = 0
         self.counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "requests_finished": 0,
-                         "slot_hits": 0, "slot_loads": 0}
+                         "slot_hits": 0, "slot_loads": 0, "decode_plans": 0, "concat_copies": 0, "concat_repacks": 0}
 
     # -- setup helpers -----------------------------------------------------------------
     def _check_cache_support(self) -> None:
@@ -493,9 +546,15 @@ class Engine:
         return {s.rid for s in self._running} | {s.rid for s in self._waiting}
 
     def _advance(self) -> None:
-        events = self.step()
-        if not events and not self._running and self._waiting and self.pool is not None:
-            self.pool.wait_for_load(0.05)  # everything queued waits for adapter loads
+        if not self.step():
+            self.wait_for_adapters(0.05)
+
+    def wait_for_adapters(self, timeout: float) -> None:
+        """Block (at most `timeout` s) while every queued request waits for an adapter load and
+        nothing runs; returns at once otherwise. Call it after a `step()` that produced no
+        events instead of spinning on `step()`: the loader threads get the CPU."""
+        if not self._running and self._waiting and self.pool is not None:
+            self.pool.wait_for_load(timeout)
 
     # -- one scheduling step ---------------------------------------------------------------
     @torch.no_grad()
@@ -673,6 +732,7 @@ class Engine:
             layer.a[r], layer.b[r] = a, b
         n = cap - group.cap
         group.keys += [None] * n
+        group.ranks += [0] * n
         group.modules += [frozenset()] * n
         group.refs += [0] * n
         group.last_used += [0] * n
@@ -695,12 +755,12 @@ class Engine:
         if old is not None:
             group.index.pop(old, None)
         key = (loaded.name, loaded.version)
-        group.keys[s], group.modules[s] = key, frozenset(loaded.factors)
+        group.keys[s], group.modules[s], group.ranks[s] = key, frozenset(loaded.factors), loaded.rank
         group.index[key] = s
         self._plan = None
 
     # -- routing ---------------------------------------------------------------------------
-    def _plan_for(self, seqs: list[_Seq]) -> _Plan:
+    def _plan_for(self, seqs: list[_Seq], decode: bool = False) -> _Plan:
         by_group: dict[int, tuple[list[int], list[int], set[str]]] = {}
         for i, seq in enumerate(seqs):
             if seq.slot is None:
@@ -710,6 +770,10 @@ class Engine:
             rows.append(i)
             slots.append(s)
             mods |= self._groups[g].modules[s]
+        if decode and by_group and self.decode_lora != "gathered":
+            plan = self._concat_plan(seqs)
+            if plan is not None:
+                return plan
         groups = []
         for g, (rows, slots, mods) in sorted(by_group.items()):
             if len(rows) == len(seqs):
@@ -721,6 +785,93 @@ class Engine:
             groups.append((g, sel, torch.tensor(slots, device=self.device), frozenset(mods)))
         return _Plan(len(seqs), tuple(groups))
 
+    def _concat_plan(self, seqs: list[_Seq]) -> _Plan | None:
+        """A decode plan over the batch's distinct adapters side by side (None: not worth it).
+
+        Each distinct adapter's factors are read once per step, however many rows use it,
+        instead of once per row; the price is B·w instead of Σ_i r_i multiply-adds (every row
+        against every distinct adapter, the other adapters' columns then zeroed). "auto" takes
+        it while that blow-up is at most `CONCAT_MAX_BLOWUP`: memory-bound small-batch decoding
+        gains, a large batch of mostly distinct adapters keeps the gathered form.
+        """
+        want: dict[tuple, int] = {}  # (group, slot, adapter key) -> rank, in row order
+        used = 0
+        for seq in seqs:
+            if seq.slot is not None:
+                g, s = seq.slot
+                r = self._groups[g].ranks[s]
+                want.setdefault((g, s, self._groups[g].keys[s]), r)
+                used += r
+        if self.decode_lora == "auto" and len(seqs) * sum(want.values()) > self.CONCAT_MAX_BLOWUP * used:
+            return None
+        self._place_columns(want)
+        off = torch.ones(len(seqs), self._cat_width, dtype=torch.bool)
+        for i, seq in enumerate(seqs):
+            if seq.slot is not None:
+                g, s = seq.slot
+                c, r = self._cat_cols[(g, s, self._groups[g].keys[s])]
+                off[i, c:c + r] = False
+        mods = frozenset().union(*(self._groups[g].modules[s] for g, s, _ in want))
+        return _Plan(len(seqs), (), self._cat_width, off.to(self.device), mods)
+
+    def _place_columns(self, want: dict[tuple, int]) -> None:
+        """Give every adapter of `want` columns in the concat buffers, copying in only those
+        not already there: first fit into the columns of adapters that left the batch, else
+        at the end; repack everything when the buffers are full or more than a quarter of the
+        used columns belong to adapters that left (dead columns still cost a read per step)."""
+        cols = self._cat_cols
+        live = {k: cols[k] for k in want if k in cols}
+        missing = sorted((k for k in want if k not in cols), key=lambda k: -want[k])
+        width = self._cat_width
+        for k in missing:
+            hole, start = None, 0
+            for c, r in sorted(live.values()) + [(width, 0)]:
+                if c - start >= want[k]:
+                    hole = start
+                    break
+                start = max(start, c + r)
+            if hole is None:
+                if width + want[k] > self._cat_cap:
+                    self._repack(want)
+                    return
+                hole, width = width, width + want[k]
+            live[k] = (hole, want[k])
+        live_width = sum(want.values())
+        if width - live_width > live_width // 4:
+            self._repack(want)
+            return
+        placed = [live[k] for k in missing]
+        for k, (c, r) in list(cols.items()):  # dead entries whose columns are reused now
+            if k not in live and any(c < pc + pr and pc < c + r for pc, pr in placed):
+                del cols[k]
+        for k in missing:
+            self._copy_columns(k, *live[k])
+        cols.update(live)
+        self._cat_width = width
+
+    def _repack(self, want: dict[tuple, int]) -> None:
+        width = sum(want.values())
+        if width > self._cat_cap:
+            cap = width + width // 2  # room for adapters that join later
+            for layer in self._layers.values():
+                layer.ca = torch.zeros(layer.in_features, cap, device=self.device, dtype=self.dtype)
+                layer.cb = torch.zeros(cap, layer.out_features, device=self.device, dtype=self.dtype)
+            self._cat_cap = cap
+        self._cat_cols, c = {}, 0
+        for k, r in want.items():
+            self._cat_cols[k] = (c, r)
+            self._copy_columns(k, c, r)
+            c += r
+        self._cat_width = width
+        self.counters["concat_repacks"] += 1
+
+    def _copy_columns(self, key: tuple, c: int, r: int) -> None:
+        g, s, _ = key
+        for layer in self._layers.values():
+            layer.ca[:, c:c + r].copy_(layer.a[g][s, :, :r])
+            layer.cb[c:c + r].copy_(layer.b[g][s, :r])
+        self.counters["concat_copies"] += 1
+
     @staticmethod
     def _group_key(seq: _Seq) -> int:
         """Rows are kept sorted by this: rank group, -1 for rows without an adapter."""
@@ -731,7 +882,7 @@ class Engine:
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._logits_kw:
             kwargs["logits_to_keep"] = 1
-        self._routing.plan = plan if plan.groups else None
+        self._routing.plan = plan if plan.groups or plan.cat_off is not None else None
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
         finally:
@@ -778,7 +929,8 @@ class Engine:
             if not seqs:
                 return
         if self._plan is None:
-            self._plan = self._plan_for(seqs)
+            self._plan = self._plan_for(seqs, decode=True)
+            self.counters["decode_plans"] += 1
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(seqs), 1)], dim=1)
         logits = self._forward(self._plan, self._last[:, None], self._mask, self._pos[:, None], self._cache)
         self.counters["decode_tokens"] += len(seqs)

@@ -211,10 +211,8 @@ class _Bridge:
                 with self._lock:
                     self.generated_tokens += n
                     self._window.append((now, n))
-            if not events and engine.pool is not None:
-                stats = engine.stats
-                if not stats["running"] and stats["waiting"]:
-                    engine.pool.wait_for_load(0.05)  # everything queued waits for adapter loads
+            if not events:
+                engine.wait_for_adapters(0.05)
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
