@@ -8,7 +8,10 @@ in [8, 128] tokens, generated greedily to exactly that length (EOS ignored). The
 (same seed) is replayed against every system:
 
     lorakit   `lorakit.serve.Engine` + `AdapterPool` (adapters loaded on demand from disk by
-              background threads), continuous batching, gathered batched LoRA, max_batch B
+              background threads), continuous batching, max_batch B, the engine's defaults:
+              batched LoRA gathered per rank group in prefill, the batch's distinct adapters
+              side by side in decode steps (decode_lora="auto"), schedule="affinity"
+    lorakit_fcfs  the same engine admitting strictly first-come-first-served (schedule="fcfs")
     peft      PEFT `PeftModel.generate(adapter_names=[...])` (mixed-adapter batch) on static
               batches of up to B requests taken from the queue in arrival order; adapters
               are `load_adapter`-ed the first time a batch needs them (then kept); a batch
@@ -54,7 +57,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEMS = ("lorakit", "peft", "merge", "base")
+SYSTEMS = ("lorakit", "lorakit_fcfs", "peft", "merge", "base")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -81,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the engine's rank grouping: pow2, exact, or an int R (pad every adapter to R: one group)")
     p.add_argument("--decode-lora", default="auto", choices=["auto", "concat", "gathered"],
                    help="the engine's decode-step LoRA form (see lorakit.serve.Engine)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="replay every trace this many times, interleaved; tables and ratios use the median run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "serving.json"))
     args = p.parse_args(argv)
@@ -175,14 +180,15 @@ def _sleep_until(t0: float, t: float) -> None:
         time.sleep(dt)
 
 
-def run_engine(model, tok, trace: Trace, args, pool) -> None:
+def run_engine(model, tok, trace: Trace, args, pool, schedule: str = "affinity") -> dict:
     """Replay `trace` through a fresh Engine (pool=None: the base model for every request). The
     pool (host memory, LRU) lives across traces, as PEFT's loaded adapters do; slots on the
     device start empty with each engine."""
     from lorakit.serve import Engine, Request
 
     engine = Engine(model, tok, pool, max_batch=args.max_batch, target=list(TARGETS),
-                    rank_groups=args.rank_groups, decode_lora=args.decode_lora)
+                    rank_groups=args.rank_groups, decode_lora=args.decode_lora,
+                    schedule=schedule)
     try:
         reqs, nxt = trace.reqs, 0
         t0 = time.perf_counter()
@@ -381,46 +387,52 @@ def main(argv=None) -> int:
                                                adapter_name=adapter_name(first)).eval()
         peft_loaded = {adapter_name(first)}
 
-    pool = None
-    if "lorakit" in args.systems:
-        from lorakit.serve import AdapterPool
+    from lorakit.serve import AdapterPool
 
-        pool = AdapterPool(adapter_dir, budget_bytes=8 << 30, check_base=False)
+    # one pool per lorakit system: neither finds the other's adapters already loaded
+    pools = {s: AdapterPool(adapter_dir, budget_bytes=8 << 30, check_base=False)
+             for s in ("lorakit", "lorakit_fcfs") if s in args.systems}
 
     # warm-up: one short request per system, so first-call costs don't land on the first trace
     warm = Trace(1, [Req(0, 0.0, adapter_name(needed[0]), list(range(5, 37)), 4)])
     results = []
-    for sys_name in args.systems:
-        for n in ([None] if sys_name == "base" else args.adapters):
-            trace = reset(traces[n if n is not None else args.adapters[0]])  # same prompts for every N
-            counters = None
-            for tr in (reset(warm), trace):
-                if sys_name == "lorakit":
-                    counters = run_engine(model, tok, tr, args, pool)
-                elif sys_name == "base":
-                    counters = run_engine(model, tok, tr, args, None)
-                elif sys_name == "peft":
-                    run_peft(peft_model, tr, args, adapter_dir, pad_id, peft_loaded)
-                else:
-                    run_merge(model, tr, args, adapter_dir, pad_id)
-            m = metrics(trace, args.slo)
-            m.update(system=sys_name, n_adapters=n)
-            if counters is not None:
-                m["engine_counters"] = counters
-            results.append(m)
-            print(f"{sys_name:>8} N={n!s:>5}: {m['throughput_tok_s']:7.1f} tok/s  TTFT p50 {m['ttft_p50_s']:6.2f} s  "
-                  f"TPOT {m['tpot_mean_ms']:6.1f} ms  SLO {m['slo_attainment'] * 100:5.1f}%  "
-                  f"({m['distinct_adapters']} adapters used)", flush=True)
-            save(results, args)  # after every run: a cut-off benchmark keeps what it measured
+    # interleaved: each repeat runs every N with all systems back to back (base beside N=100,
+    # or the first N), so the ratios compare runs minutes apart, not a whole benchmark apart
+    base_n = 100 if 100 in args.adapters else args.adapters[0]
+    runs = [(r, s, None if s == "base" else n) for r in range(args.repeats) for n in args.adapters
+            for s in args.systems if s != "base" or n == base_n]
+    for repeat, sys_name, n in runs:
+        trace = reset(traces[n if n is not None else args.adapters[0]])  # same prompts for every N
+        counters = None
+        for tr in (reset(warm), trace):
+            if sys_name == "lorakit":
+                counters = run_engine(model, tok, tr, args, pools[sys_name])
+            elif sys_name == "lorakit_fcfs":
+                counters = run_engine(model, tok, tr, args, pools[sys_name], schedule="fcfs")
+            elif sys_name == "base":
+                counters = run_engine(model, tok, tr, args, None)
+            elif sys_name == "peft":
+                run_peft(peft_model, tr, args, adapter_dir, pad_id, peft_loaded)
+            else:
+                run_merge(model, tr, args, adapter_dir, pad_id)
+        m = metrics(trace, args.slo)
+        m.update(system=sys_name, n_adapters=n, repeat=repeat)
+        if counters is not None:
+            m["engine_counters"] = counters
+        results.append(m)
+        print(f"[{repeat + 1}/{args.repeats}] {sys_name:>12} N={n!s:>5}: {m['throughput_tok_s']:7.1f} tok/s  "
+              f"TTFT p50 {m['ttft_p50_s']:6.2f} s  TPOT {m['tpot_mean_ms']:6.1f} ms  SLO {m['slo_attainment'] * 100:5.1f}%  "
+              f"({m['distinct_adapters']} adapters used)", flush=True)
+        save(results, args)  # after every run: a cut-off benchmark keeps what it measured
 
-    if pool is not None:
+    for pool in pools.values():
         pool.close()
-    print_table(results)
+    print_table(median_runs(results))
     summary = save(results, args)
     for k, v in summary.items():
         print(f"{k}: {v:.3f}")
     try:
-        plot(results, Path(args.out).with_suffix(".png"))
+        plot(median_runs(results), Path(args.out).with_suffix(".png"))
     except ImportError as e:  # a GPU box without matplotlib: the JSON is what matters
         print(f"no plot ({e})")
     print(f"wrote {args.out}")
@@ -440,13 +452,26 @@ def save(results: list[dict], args) -> dict:
                            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "adapter_dir")},
-               "results": results}
+               "results": median_runs(results), "all_runs": results}
     out.write_text(json.dumps(payload, indent=2) + "\n")
     return summary
 
 
+def median_runs(results: list[dict]) -> list[dict]:
+    """One row per (system, N): the repeat with the median throughput (the lower middle for
+    an even count), with every repeat's throughput in `throughput_runs`."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["system"], r["n_adapters"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        runs = sorted(runs, key=lambda r: r["throughput_tok_s"])
+        out.append({**runs[(len(runs) - 1) // 2], "throughput_runs": [r["throughput_tok_s"] for r in runs]})
+    return out
+
+
 def summarise(results: list[dict]) -> dict:
-    by = {(r["system"], r["n_adapters"]): r for r in results}
+    by = {(r["system"], r["n_adapters"]): r for r in median_runs(results)}
     out = {}
     for n in sorted({r["n_adapters"] for r in results if r["n_adapters"] is not None}):
         lk = by.get(("lorakit", n))

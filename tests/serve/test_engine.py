@@ -1,6 +1,8 @@
 """Engine: batched heterogeneous LoRA generation equals one-request-at-a-time lorakit and PEFT;
 continuous batching (joins/leaves) equals static batching; base rows equal the base model."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -185,7 +187,7 @@ def test_concat_columns_are_reused_and_repacked(adapter_dir):
                     assert torch.equal(layer.ca[:, c:c + r], layer.a[g][s, :, :r])
                     assert torch.equal(layer.cb[c:c + r], layer.b[g][s, :r])
         spans.sort()
-        assert all(c1 + r1 <= c2 for (c1, r1), (c2, _) in zip(spans, spans[1:]))
+        assert all(c1 + r1 <= c2 for (c1, r1), (c2, _) in itertools.pairwise(spans))
         if len(ids) == len(reqs) and not eng.has_work():
             break
     st = eng.stats
@@ -206,6 +208,30 @@ def test_auto_decode_keeps_the_gathered_form_when_concat_costs_too_much(adapter_
     assert eng._plan.cat_off is None and len(eng._plan.groups) == 3 and eng.stats["concat_copies"] == 0
     eng.run_until_idle()
     ref = engine(adapter_dir, max_batch=len(reqs), decode_lora="concat").generate(reqs)
+    assert [eng.pop_result(i).tokens for i in ids] == [r.tokens for r in ref]
+
+
+@pytest.mark.parametrize("schedule", ["affinity", "fcfs"])
+def test_affinity_admits_running_adapters_first_within_a_bound(adapter_dir, schedule):
+    """"affinity": a waiting request whose adapter is already running goes before an older
+    one with a new adapter, but a request passed over max_batch times goes next; "fcfs" keeps
+    arrival order. Tokens do not depend on the order."""
+    ps = prompts(8, seed=11)
+    reqs = ([Request(ps[0], adapter="r2", max_new_tokens=30, stop_token_ids=[]),
+             Request(ps[1], adapter="r8", max_new_tokens=3, stop_token_ids=[])]
+            + [Request(p, adapter="r2", max_new_tokens=3, stop_token_ids=[]) for p in ps[2:]])
+    eng = engine(adapter_dir, max_batch=2, schedule=schedule)
+    for name in ("r2", "r8"):
+        eng.pool.get(name)
+    ids = [eng.add(reqs[0], collect=True)]
+    eng.step()  # the long r2 request runs alone; the rest arrive behind
+    ids += [eng.add(r, collect=True) for r in reqs[1:]]
+    admitted = [ids[0]]
+    while eng.has_work():
+        admitted += [ev.request_id for ev in eng.step() if ev.index == 0]
+    later_first = admitted.index(ids[1]) - 1  # requests arriving after r8's, admitted before it
+    assert later_first == (2 if schedule == "affinity" else 0)
+    ref = engine(adapter_dir, max_batch=1).generate(reqs)
     assert [eng.pop_result(i).tokens for i in ids] == [r.tokens for r in ref]
 
 
@@ -369,7 +395,7 @@ def test_request_and_engine_validation(adapter_dir):
     for kw, msg in [({"max_batch": 0}, "max_batch"), ({"policy": "x"}, "policy"),
                     ({"rank_groups": "x"}, "rank_groups"), ({"rank_groups": 0}, "rank_groups"),
                     ({"rank_groups": True}, "rank_groups"), ({"max_batch": 4, "max_slots": 2}, "max_slots"),
-                    ({"decode_lora": "fused"}, "decode_lora")]:
+                    ({"decode_lora": "fused"}, "decode_lora"), ({"schedule": "lifo"}, "schedule")]:
         with pytest.raises(ConfigError, match=msg):
             Engine(tiny_llama(), **kw)
     m = tiny_llama()

@@ -162,6 +162,7 @@ class _Seq:
     slot: tuple[int, int] | None = None  # (rank group, slot) while admitted
     generator: torch.Generator | None = None
     cancelled: bool = False
+    overtaken: int = 0  # admissions of later requests while this one waited (schedule="affinity")
 
 
 # -- batched LoRA layer ---------------------------------------------------------------------
@@ -297,6 +298,9 @@ class Engine:
         by rank, as prefill does), "concat" (the batch's distinct adapters side by side, each
         read once per step), or "auto" (default: "concat" unless it costs more than
         `CONCAT_MAX_BLOWUP` times the gathered form's multiply-adds).
+    schedule: admission order of waiting requests: "affinity" (default: among the first
+        max_batch waiting, those whose adapter is already running go first; none is overtaken
+        more than max_batch times) or "fcfs" (strict arrival order).
     """
 
     CONCAT_MAX_BLOWUP = 16  # decode_lora="auto": most B·R_tot / Σ_i r_i multiply-adds to take "concat"
@@ -315,6 +319,7 @@ class Engine:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         decode_lora: str = "auto",
+        schedule: str = "affinity",
     ):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
@@ -325,6 +330,8 @@ class Engine:
             raise ConfigError(f"policy must be 'continuous' or 'static', got {policy!r}")
         if decode_lora not in ("auto", "concat", "gathered"):
             raise ConfigError(f"decode_lora must be 'auto', 'concat' or 'gathered', got {decode_lora!r}")
+        if schedule not in ("fcfs", "affinity"):
+            raise ConfigError(f"schedule must be 'fcfs' or 'affinity', got {schedule!r}")
         max_slots = 2 * max_batch if max_slots is None else max_slots
         if isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < max_batch:
             raise ConfigError(f"max_slots must be an integer >= max_batch ({max_batch}), got {max_slots!r}")
@@ -340,6 +347,7 @@ class Engine:
         self.max_slots = max_slots
         self.policy = policy
         self.decode_lora = decode_lora
+        self.schedule = schedule
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self._check_cache_support()
@@ -626,8 +634,9 @@ class Engine:
         """Waiting requests that can start now: adapter resident, a slot free, batch not full."""
         admitted: list[_Seq] = []
         room = self.max_batch - len(self._running)
+        arrival = {id(s): i for i, s in enumerate(self._waiting)}
         failed: dict[str, str] = {}
-        for seq in list(self._waiting):
+        for seq in self._admission_order():
             if len(admitted) >= room:
                 break
             name = seq.req.adapter
@@ -667,7 +676,31 @@ class Engine:
                 else:
                     seq.generator.seed()
             admitted.append(seq)
+        if admitted and self.schedule == "affinity":
+            last = max(arrival[id(s)] for s in admitted)
+            for seq in self._waiting:
+                if arrival[id(seq)] < last:
+                    seq.overtaken += 1
         return admitted
+
+    def _admission_order(self) -> list[_Seq]:
+        """Waiting requests in the order admission tries them.
+
+        "fcfs": arrival order. "affinity": among the first `max_batch` waiting, requests whose
+        adapter (or no adapter) is already in the running batch go first: they add no new
+        adapter to the decode steps, whose LoRA cost is a read of each distinct adapter of the
+        batch (see the module docstring). A request overtaken `max_batch` times is due: it goes
+        before all of those, so none waits behind more than `max_batch` admissions of later ones.
+        """
+        waiting = list(self._waiting)
+        if self.schedule == "fcfs":
+            return waiting
+        present = {s.req.adapter for s in self._running}
+        head = waiting[: self.max_batch]
+        due = [s for s in head if s.overtaken >= self.max_batch]
+        warm = [s for s in head if s.overtaken < self.max_batch and s.req.adapter in present]
+        first = {id(s) for s in due + warm}
+        return due + warm + [s for s in waiting if id(s) not in first]
 
     def _rank_group(self, r: int) -> int:
         if self.rank_groups == "exact":
@@ -816,37 +849,33 @@ class Engine:
 
     def _place_columns(self, want: dict[tuple, int]) -> None:
         """Give every adapter of `want` columns in the concat buffers, copying in only those
-        not already there: first fit into the columns of adapters that left the batch, else
-        at the end; repack everything when the buffers are full or more than a quarter of the
-        used columns belong to adapters that left (dead columns still cost a read per step)."""
+        not already in place: first fit into the columns of adapters that left the batch,
+        else at the end. When the buffers are full or more than a quarter of the used columns
+        belong to adapters that left (dead columns still cost a read per step), compact:
+        entries inside the first Σ r columns stay, the others move into the holes there;
+        repack everything only if they do not fit (dead columns cost a read per step, every
+        copy a read and a write once)."""
         cols = self._cat_cols
+        total = sum(want.values())
         live = {k: cols[k] for k in want if k in cols}
-        missing = sorted((k for k in want if k not in cols), key=lambda k: -want[k])
-        width = self._cat_width
-        for k in missing:
-            hole, start = None, 0
-            for c, r in sorted(live.values()) + [(width, 0)]:
-                if c - start >= want[k]:
-                    hole = start
-                    break
-                start = max(start, c + r)
-            if hole is None:
-                if width + want[k] > self._cat_cap:
-                    self._repack(want)
-                    return
-                hole, width = width, width + want[k]
-            live[k] = (hole, want[k])
-        live_width = sum(want.values())
-        if width - live_width > live_width // 4:
-            self._repack(want)
-            return
-        placed = [live[k] for k in missing]
-        for k, (c, r) in list(cols.items()):  # dead entries whose columns are reused now
-            if k not in live and any(c < pc + pr and pc < c + r for pc, pr in placed):
+        by_rank = sorted((k for k in want if k not in cols), key=lambda k: -want[k])
+        got = _first_fit(live, by_rank, want, self._cat_width, self._cat_cap)
+        if got is None or got[1] - total > total // 4:
+            stay = {k: (c, r) for k, (c, r) in live.items() if c + r <= total}
+            movers = sorted((k for k in want if k not in stay), key=lambda k: -want[k])
+            got = _first_fit(stay, movers, want, 0 if not stay else max(c + r for c, r in stay.values()), total)
+            if got is None or total > self._cat_cap:
+                self._repack(want)
+                return
+        placed, width = got
+        moved = [k for k, span in placed.items() if cols.get(k) != span]
+        for k, (c, r) in list(cols.items()):  # dead entries whose columns are taken or cut off now
+            if k not in placed and (c + r > width or any(c < pc + pr and pc < c + r
+                                                         for pc, pr in (placed[m] for m in moved))):
                 del cols[k]
-        for k in missing:
-            self._copy_columns(k, *live[k])
-        cols.update(live)
+        for k in moved:
+            self._copy_columns(k, *placed[k])
+        cols.update(placed)
         self._cat_width = width
 
     def _repack(self, want: dict[tuple, int]) -> None:
@@ -1043,6 +1072,31 @@ class Engine:
                    for t in ids):
             raise ConfigError(f"prompt must be token ids in [0, {vocab}), got {ids[:8]}...")
         return ids
+
+
+def _first_fit(fixed: dict, movers: list, size: dict, width: int, limit: int):
+    """Place each of `movers` (size[k] columns) into the first gap between `fixed` spans
+    within [0, width), else at `width` while it stays <= `limit`. Returns ({key: (first
+    column, size)} for fixed and movers, the new width), or None if one does not fit."""
+    placed = dict(fixed)
+    for k in movers:
+        need, start, at = size[k], 0, None
+        for c, r in sorted(placed.values()):
+            if c - start >= need:
+                at = start
+                break
+            start = max(start, c + r)
+        if at is None:
+            start = max(start, 0)
+            if width - start >= need:  # the gap after the last span, inside the used width
+                at = start
+            elif max(width, start) + need <= limit:
+                at = max(width, start)
+                width = at + need
+            else:
+                return None
+        placed[k] = (at, need)
+    return placed, width
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
