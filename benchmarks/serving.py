@@ -30,8 +30,9 @@ latency p50, and SLO attainment (share of requests with TTFT <= ``--slo`` second
 Only the adapters the traces actually request are written to disk (an adapter that is never
 requested can't influence any system); the rest of the N exist only as popularity mass.
 
-Run (about 15-20 minutes on 2 CPU cores with the defaults):
-    PYTHONPATH=src .venv/bin/python benchmarks/serving.py
+Run (about 20 minutes per repeat on 2 CPU cores with the defaults; the stored results used
+--repeats 3, about an hour):
+    PYTHONPATH=src .venv/bin/python benchmarks/serving.py --repeats 3
     PYTHONPATH=src .venv/bin/python benchmarks/serving.py --adapters 1,100 --requests 16 --systems lorakit,peft
     ... --device cuda --dtype bfloat16 --requests 256 --rate 20 --max-batch 32        (on a GPU)
 
@@ -430,7 +431,7 @@ def main(argv=None) -> int:
     print_table(median_runs(results))
     summary = save(results, args)
     for k, v in summary.items():
-        print(f"{k}: {v:.3f}")
+        print(f"{k}: {v:.3f}" if not isinstance(v, list) else f"{k}: {[round(x, 3) for x in v if x is not None]}")
     try:
         plot(median_runs(results), Path(args.out).with_suffix(".png"))
     except ImportError as e:  # a GPU box without matplotlib: the JSON is what matters
@@ -471,7 +472,18 @@ def median_runs(results: list[dict]) -> list[dict]:
 
 
 def summarise(results: list[dict]) -> dict:
-    by = {(r["system"], r["n_adapters"]): r for r in median_runs(results)}
+    """Ratios of the median runs; with repeats, also each repeat's own ratios (`..._runs`)."""
+    out = _ratios(median_runs(results))
+    repeats = sorted({r.get("repeat", 0) for r in results})
+    if len(repeats) > 1:
+        per = [_ratios([r for r in results if r.get("repeat", 0) == k]) for k in repeats]
+        for key in list(out):
+            out[f"{key}_runs"] = [p.get(key) for p in per]
+    return out
+
+
+def _ratios(results: list[dict]) -> dict:
+    by = {(r["system"], r["n_adapters"]): r for r in results}
     out = {}
     for n in sorted({r["n_adapters"] for r in results if r["n_adapters"] is not None}):
         lk = by.get(("lorakit", n))

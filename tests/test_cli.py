@@ -136,10 +136,12 @@ def test_serve_verb_calls_server(monkeypatch, tmp_path):
         model=model, adapters=adapters, host=host, port=port, **kw))
     assert main(["serve", "--model", "m", "--adapters", str(tmp_path), "--port", "9123", "--max-batch", "4"]) == 0
     assert seen["model"] == "m" and seen["port"] == 9123 and seen["max_batch"] == 4 and seen["host"] == "127.0.0.1"
-    assert seen["rank_groups"] == "pow2"
+    assert seen["rank_groups"] == "pow2" and seen["schedule"] == "affinity"
     assert main(["serve", "--model", "m", "--rank-groups", "64"]) == 0 and seen["rank_groups"] == 64
-    with pytest.raises(SystemExit):
-        main(["serve", "--model", "m", "--rank-groups", "0"])
+    assert main(["serve", "--model", "m", "--schedule", "fcfs"]) == 0 and seen["schedule"] == "fcfs"
+    for bad in (["--rank-groups", "0"], ["--schedule", "lifo"]):
+        with pytest.raises(SystemExit):
+            main(["serve", "--model", "m", *bad])
 
 
 @pytest.mark.parametrize("action", ["expand", "reduce"])

@@ -190,6 +190,9 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     sv.add_argument("--rank-groups", type=_rank_groups, default="pow2",
                     help="how adapters of different ranks are batched: pow2 (pad to the next power of two), exact, "
                          "or an int R (pad all to R: one group, fewest kernels; for GPUs)")
+    sv.add_argument("--schedule", choices=["affinity", "fcfs"], default="affinity",
+                    help="admission order: affinity (requests for adapters already running go first, none passed "
+                         "over more than max-batch times) or fcfs (strict arrival order)")
 
     vc = verb("vocab", "Extend a model's vocabulary for a new language, or reduce it to what a corpus uses.")
     vc.add_argument("action", choices=["expand", "reduce"])
@@ -484,7 +487,7 @@ def cmd_serve(args) -> int:
     from lorakit.serve.server import main_serve
 
     return main_serve(args.model, args.adapters, args.host, args.port, args.api_key, args.max_batch, args.budget_mb,
-                      args.rank_groups)
+                      args.rank_groups, args.schedule)
 
 
 def cmd_federate(args) -> int:

@@ -296,8 +296,8 @@ class Engine:
     policy: "continuous" (join/leave between decode steps) or "static".
     decode_lora: how decode steps compute the LoRA part: "gathered" (per-row factors, grouped
         by rank, as prefill does), "concat" (the batch's distinct adapters side by side, each
-        read once per step), or "auto" (default: "concat" unless it costs more than
-        `CONCAT_MAX_BLOWUP` times the gathered form's multiply-adds).
+        read once per step), or "auto" (default: "concat" on a GPU; on a CPU "concat" unless
+        it costs more than `CONCAT_MAX_BLOWUP` times the gathered form's multiply-adds).
     schedule: admission order of waiting requests: "affinity" (default: among the first
         max_batch waiting, those whose adapter is already running go first; none is overtaken
         more than max_batch times) or "fcfs" (strict arrival order).
@@ -823,9 +823,11 @@ class Engine:
 
         Each distinct adapter's factors are read once per step, however many rows use it,
         instead of once per row; the price is B·w instead of Σ_i r_i multiply-adds (every row
-        against every distinct adapter, the other adapters' columns then zeroed). "auto" takes
-        it while that blow-up is at most `CONCAT_MAX_BLOWUP`: memory-bound small-batch decoding
-        gains, a large batch of mostly distinct adapters keeps the gathered form.
+        against every distinct adapter, the other adapters' columns then zeroed). On a CPU
+        "auto" takes it while that blow-up is at most `CONCAT_MAX_BLOWUP`: memory-bound
+        small-batch decoding gains, a large batch of mostly distinct adapters keeps the gathered
+        form. On a GPU "auto" always takes it: decoding a small model there is bound by kernel
+        launches (three per layer here, two or three per rank group gathered), not FLOPs.
         """
         want: dict[tuple, int] = {}  # (group, slot, adapter key) -> rank, in row order
         used = 0
@@ -835,7 +837,8 @@ class Engine:
                 r = self._groups[g].ranks[s]
                 want.setdefault((g, s, self._groups[g].keys[s]), r)
                 used += r
-        if self.decode_lora == "auto" and len(seqs) * sum(want.values()) > self.CONCAT_MAX_BLOWUP * used:
+        if (self.decode_lora == "auto" and self.device.type == "cpu"
+                and len(seqs) * sum(want.values()) > self.CONCAT_MAX_BLOWUP * used):
             return None
         self._place_columns(want)
         off = torch.ones(len(seqs), self._cat_width, dtype=torch.bool)
@@ -851,10 +854,9 @@ class Engine:
         """Give every adapter of `want` columns in the concat buffers, copying in only those
         not already in place: first fit into the columns of adapters that left the batch,
         else at the end. When the buffers are full or more than a quarter of the used columns
-        belong to adapters that left (dead columns still cost a read per step), compact:
-        entries inside the first Σ r columns stay, the others move into the holes there;
-        repack everything only if they do not fit (dead columns cost a read per step, every
-        copy a read and a write once)."""
+        would belong to adapters that left (a dead column costs a read every step, a copy a
+        read and a write once), compact: entries inside the first Σ r columns stay, the others
+        move into the holes there; repack everything only if they do not fit."""
         cols = self._cat_cols
         total = sum(want.values())
         live = {k: cols[k] for k in want if k in cols}
@@ -1087,12 +1089,10 @@ def _first_fit(fixed: dict, movers: list, size: dict, width: int, limit: int):
                 break
             start = max(start, c + r)
         if at is None:
-            start = max(start, 0)
             if width - start >= need:  # the gap after the last span, inside the used width
                 at = start
-            elif max(width, start) + need <= limit:
-                at = max(width, start)
-                width = at + need
+            elif width + need <= limit:
+                at, width = width, width + need
             else:
                 return None
         placed[k] = (at, need)

@@ -802,9 +802,10 @@ def _prometheus(bridge: _Bridge, engine: Engine, pool, http_counts: Counter) -> 
 def build_app(model_name_or_path: str, adapter_dir=None, *, api_key: str | None = None, max_queue: int = 256,
               max_batch: int = 8, budget_mb: float = 1024, dtype="float32", device: str | None = None,
               target="all-linear", served_model_name: str | None = None, shutdown_timeout: float = 30.0,
-              rank_groups: str | int = "pow2"):
+              rank_groups: str | int = "pow2", schedule: str = "affinity"):
     """Load the base model (`lorakit.models.load_model`), build pool + engine, return the app.
-    rank_groups: the engine's rank grouping ("pow2", "exact" or a fixed int rank; see `Engine`)."""
+    rank_groups: the engine's rank grouping ("pow2", "exact" or a fixed int rank; see `Engine`).
+    schedule: the engine's admission order ("affinity" or "fcfs"; see `Engine`)."""
     import torch
 
     from lorakit.models import load_model
@@ -816,7 +817,8 @@ def build_app(model_name_or_path: str, adapter_dir=None, *, api_key: str | None 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     pool = AdapterPool(adapter_dir, budget_bytes=int(budget_mb * (1 << 20))) if adapter_dir is not None else None
-    engine = Engine(model, tokenizer, pool, max_batch=max_batch, target=target, rank_groups=rank_groups)
+    engine = Engine(model, tokenizer, pool, max_batch=max_batch, target=target, rank_groups=rank_groups,
+                    schedule=schedule)
     return create_app(engine, pool, served_model_name or str(model_name_or_path), api_key=api_key,
                       max_queue=max_queue, shutdown_timeout=shutdown_timeout)
 
@@ -826,7 +828,7 @@ def serve(model_name_or_path: str, adapter_dir=None, host: str = "127.0.0.1", po
     """Serve `model_name_or_path` and the adapters of `adapter_dir` until interrupted (Ctrl-C / SIGTERM).
 
     kw: api_key, max_queue, max_batch, budget_mb, dtype, device, target, served_model_name,
-    shutdown_timeout, rank_groups (see `build_app` / `create_app`).
+    shutdown_timeout, rank_groups, schedule (see `build_app` / `create_app`).
     """
     import uvicorn
 
@@ -838,12 +840,13 @@ def serve(model_name_or_path: str, adapter_dir=None, host: str = "127.0.0.1", po
 
 
 def main_serve(model: str, adapters=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_batch: int = 8, budget_mb: float = 1024, rank_groups: str | int = "pow2") -> int:
+               max_batch: int = 8, budget_mb: float = 1024, rank_groups: str | int = "pow2",
+               schedule: str = "affinity") -> int:
     """Entry point of `lorakit serve`; the API key falls back to $LORAKIT_API_KEY. Returns 0."""
     if api_key is None:
         api_key = os.environ.get("LORAKIT_API_KEY") or None
     serve(model, adapters, host, port, api_key=api_key, max_batch=max_batch, budget_mb=budget_mb,
-          rank_groups=rank_groups)
+          rank_groups=rank_groups, schedule=schedule)
     return 0
 
 
