@@ -161,7 +161,8 @@ def test_concat_columns_are_reused_and_repacked(adapter_dir):
     """Decode batches side by side in the concat buffers: an adapter already there is not
     copied again, one that joins takes the columns of one that left (or the end), the buffers
     are repacked when dead columns exceed a quarter; every live entry's columns always equal
-    its slot's factors, live entries never overlap, and tokens equal one-at-a-time runs."""
+    its slot's factors, live entries never overlap, no layer keeps the per-row factors a
+    prefill gathered, and tokens equal one-at-a-time runs."""
     names = ["r2", "r4", "r8", "peft4", "ld", "r8", "r2", "ld", "r4", "peft4", "r8", "r2"]
     ps = prompts(len(names), seed=7)
     reqs = [Request(p, adapter=a, max_new_tokens=3 + (i * 5) % 9, stop_token_ids=[])
@@ -174,6 +175,7 @@ def test_concat_columns_are_reused_and_repacked(adapter_dir):
         if step % 2 == 0 and len(ids) < len(reqs):
             ids.append(eng.add(reqs[len(ids)], collect=True))
         eng.step()
+        assert all(not layer._gathered[1] for layer in eng._layers.values())  # prefill copies are not kept
         if eng._plan is not plan and eng._plan is not None:  # a new decode plan
             plan = eng._plan
             rebuild_all += len({q.slot for q in eng._running})  # copies if nothing were kept

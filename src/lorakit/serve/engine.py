@@ -182,6 +182,9 @@ class _Plan:
     cat_width: int = 0
     cat_off: torch.Tensor | None = None
     cat_modules: frozenset[str] = frozenset()
+    # a gathered decode plan serves many steps: layers keep its gathered factors; a prefill
+    # plan serves one forward, so they are dropped after use
+    reuse: bool = False
 
 
 class _Routing:
@@ -207,14 +210,17 @@ class ServingLinear(nn.Module):
         self.routing = routing
         self.a: dict[int, torch.Tensor] = {}
         self.b: dict[int, torch.Tensor] = {}
-        # the per-row factors gathered for the last plan: a decode plan lives for many steps
-        # (until a request joins or leaves), so each step skips the gather copies
+        # the per-row factors gathered for the last reusable plan: a gathered decode plan lives
+        # for many steps (until a request joins or leaves), so each step skips the gather copies
         self._gathered: tuple[_Plan | None, dict] = (None, {})
         # concat buffers (d_in, C), (C, d_out): adapters side by side, columns managed by the engine
         self.ca: torch.Tensor | None = None
         self.cb: torch.Tensor | None = None
 
     def _factors(self, plan: _Plan, g: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not plan.reuse:  # each layer runs once per prefill: nothing to keep
+            self._gathered = (None, {})
+            return self.a[g].index_select(0, slots), self.b[g].index_select(0, slots)
         cached_plan, cache = self._gathered
         if cached_plan is not plan:
             cache = {}
@@ -816,7 +822,7 @@ class Engine:
             else:
                 sel = torch.tensor(rows, device=self.device)
             groups.append((g, sel, torch.tensor(slots, device=self.device), frozenset(mods)))
-        return _Plan(len(seqs), tuple(groups))
+        return _Plan(len(seqs), tuple(groups), reuse=decode)
 
     def _concat_plan(self, seqs: list[_Seq]) -> _Plan | None:
         """A decode plan over the batch's distinct adapters side by side (None: not worth it).
