@@ -96,10 +96,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown systems {bad}; choose from {SYSTEMS}")
     args.ranks = [int(r) for r in args.ranks.split(",")]
-    if args.rank_groups not in ("pow2", "exact"):
-        if not args.rank_groups.isdigit() or int(args.rank_groups) < max(args.ranks):
-            p.error(f"--rank-groups must be pow2, exact or an int >= the largest rank {max(args.ranks)}")
-        args.rank_groups = int(args.rank_groups)
+    from lorakit.serve import parse_rank_groups
+
+    try:
+        args.rank_groups = parse_rank_groups(args.rank_groups)
+    except ValueError as e:
+        p.error(str(e))
+    if isinstance(args.rank_groups, int) and args.rank_groups < max(args.ranks):
+        p.error(f"--rank-groups must be pow2, exact or an int >= the largest rank {max(args.ranks)}")
     args.prompt_len = tuple(int(x) for x in args.prompt_len.split(","))
     args.output_len = tuple(int(x) for x in args.output_len.split(","))
     return args

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 
 EVAL_DATA = {
     "chichewa-heldout": "Chichewa Bible, held-out books (Ruth, Jonah, Philemon, Jude)",
@@ -367,8 +367,6 @@ def _eval_texts(name: str) -> list[str]:
         return data.english_heldout_texts()
     if Path(name).exists():
         return data.load_texts(name)
-    from lorakit.errors import ConfigError
-
     raise ConfigError(f"eval data {name!r} is neither one of {sorted(EVAL_DATA)} nor an existing path")
 
 
@@ -475,12 +473,13 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 40, temperature: flo
 
 
 def _rank_groups(value: str) -> str | int:
-    """argparse type of `serve --rank-groups`: pow2, exact or a positive int."""
-    if value in ("pow2", "exact"):
-        return value
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    raise argparse.ArgumentTypeError(f"expected pow2, exact or a positive integer rank, got {value!r}")
+    """argparse type of `serve --rank-groups` (`lorakit.serve.parse_rank_groups`, message kept)."""
+    from lorakit.serve.engine import parse_rank_groups
+
+    try:
+        return parse_rank_groups(value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_serve(args) -> int:

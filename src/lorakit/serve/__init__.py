@@ -8,6 +8,7 @@
 """
 
 from lorakit.serve.cache import AdapterPool, LoadedAdapter, PoolStats
-from lorakit.serve.engine import Engine, Request, Result, ServingLinear, TokenEvent
+from lorakit.serve.engine import Engine, Request, Result, ServingLinear, TokenEvent, parse_rank_groups
 
-__all__ = ["AdapterPool", "Engine", "LoadedAdapter", "PoolStats", "Request", "Result", "ServingLinear", "TokenEvent"]
+__all__ = ["AdapterPool", "Engine", "LoadedAdapter", "PoolStats", "Request", "Result", "ServingLinear", "TokenEvent",
+           "parse_rank_groups"]

@@ -800,6 +800,10 @@ class Engine:
 
     # -- routing ---------------------------------------------------------------------------
     def _plan_for(self, seqs: list[_Seq], decode: bool = False) -> _Plan:
+        if decode and self.decode_lora != "gathered":
+            plan = self._concat_plan(seqs)
+            if plan is not None:
+                return plan
         by_group: dict[int, tuple[list[int], list[int], set[str]]] = {}
         for i, seq in enumerate(seqs):
             if seq.slot is None:
@@ -809,10 +813,6 @@ class Engine:
             rows.append(i)
             slots.append(s)
             mods |= self._groups[g].modules[s]
-        if decode and by_group and self.decode_lora != "gathered":
-            plan = self._concat_plan(seqs)
-            if plan is not None:
-                return plan
         groups = []
         for g, (rows, slots, mods) in sorted(by_group.items()):
             if len(rows) == len(seqs):
@@ -825,7 +825,8 @@ class Engine:
         return _Plan(len(seqs), tuple(groups), reuse=decode)
 
     def _concat_plan(self, seqs: list[_Seq]) -> _Plan | None:
-        """A decode plan over the batch's distinct adapters side by side (None: not worth it).
+        """A decode plan over the batch's distinct adapters side by side (None: no adapter in
+        the batch, or not worth it).
 
         Each distinct adapter's factors are read once per step, however many rows use it,
         instead of once per row; the price is B·w instead of Σ_i r_i multiply-adds (every row
@@ -843,6 +844,8 @@ class Engine:
                 r = self._groups[g].ranks[s]
                 want.setdefault((g, s, self._groups[g].keys[s]), r)
                 used += r
+        if not want:
+            return None
         if (self.decode_lora == "auto" and self.device.type == "cpu"
                 and len(seqs) * sum(want.values()) > self.CONCAT_MAX_BLOWUP * used):
             return None
@@ -1080,6 +1083,15 @@ class Engine:
                    for t in ids):
             raise ConfigError(f"prompt must be token ids in [0, {vocab}), got {ids[:8]}...")
         return ids
+
+
+def parse_rank_groups(value: str) -> str | int:
+    """`rank_groups` from text (a CLI flag): "pow2", "exact" or a positive integer rank."""
+    if value in ("pow2", "exact"):
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise ConfigError(f"rank_groups must be pow2, exact or a positive integer rank, got {value!r}")
 
 
 def _first_fit(fixed: dict, movers: list, size: dict, width: int, limit: int):
