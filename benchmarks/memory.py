@@ -64,7 +64,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 VARIANTS = ("full-adamw", "lora", "galore", "frugal", "lisa", "int8-lora", "int4-lora", "int2-lora",
             "int4-lora-lrec", "int2-lora-lrec", "loram", "loraprune", "int4-lora-gc",
-            "int4-lora-bf16")
+            "int4-lora-bf16", "int4-lora-lean")
 PRUNE_LAYERS = list(range(2, 28))  # LoRAM / LoRAPrune leave the first two and last two layers whole
 
 
@@ -123,7 +123,8 @@ def run_child(a) -> dict:
 
     v = a.child
     torch.manual_seed(a.seed)
-    model, tok = load_model(a.model)
+    lean = v.endswith("-lean")  # QLoRA's storage: frozen non-quantized weights in bf16 too
+    model, tok = load_model(a.model, dtype=torch.bfloat16 if lean else torch.float32)
     with torch.no_grad():  # private copies: idle mmapped weight pages get evicted and re-read
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.clone()
@@ -168,6 +169,13 @@ def run_child(a) -> dict:
             lisa = Lisa(model, n_layers=2, interval=20, seed=a.seed)
     else:
         lorakit.inject(model, lora_cfg)
+        if lean:
+            from lorakit.optim import lean_activations
+
+            for p in model.parameters():  # fp32 master weights for the adapter (PEFT's default too)
+                if p.requires_grad:
+                    p.data = p.data.float()
+            result["lean"] = lean_activations(model)
     if v == "loraprune":
         from lorakit.prune import LoraPrune, LoraPruneConfig
 
@@ -198,7 +206,7 @@ def run_child(a) -> dict:
         if lisa is not None:
             lisa.maybe_switch(step, opt)
         x = batches[step]
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=v.endswith("-bf16"))
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=v.endswith(("-bf16", "-lean")))
         if teacher is not None:
             from lorakit.quant.lrec import lrec_loss
 

@@ -199,3 +199,44 @@ def test_allora_optimizer_trains_adapters(tiny_model_dir, text_file, tmp_path):
         TrainConfig(method="full", optim="allora")
     with pytest.raises(ConfigError, match="allora_eta must be"):
         TrainConfig(optim="allora", allora_eta=0)
+
+
+def test_quantized_bf16_base_trains_fp32_adapter_with_lean_activations(tiny_model_dir, text_file, tmp_path):
+    import lorakit
+    from lorakit.models import load_model
+    from lorakit.quant import QuantLinear
+
+    res = train(cfg(tiny_model_dir, text_file, tmp_path / "q", max_steps=10, quantize=4, quant_group_size=16,
+                    bf16=True), adapter={"r": 4})
+    model = res.model
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 7  # every linear but the head
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16  # the rest of the frozen base
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert res.log["lean_activations"]["mlp"] == 2 and res.log["lean_activations"]["layers"] == 2
+    losses = [h["loss"] for h in res.log["history"] if "loss" in h]
+    assert all(l == l for l in losses) and losses[-1] < losses[0]
+    fresh, _ = load_model(str(tiny_model_dir))  # the fp32 adapter loads onto the unquantized base
+    lorakit.load(fresh, res.adapter_dir)
+    assert any(v.abs().sum() > 0 for k, v in adapter_weights(tmp_path / "q").items() if "lora_B" in k)
+
+
+def test_lean_activations_train_like_plain(tiny_model_dir, text_file, tmp_path):
+    train(cfg(tiny_model_dir, text_file, tmp_path / "a", max_steps=3), adapter={"r": 4})
+    res = train(cfg(tiny_model_dir, text_file, tmp_path / "b", max_steps=3, lean_activations=False), adapter={"r": 4})
+    assert res.log["lean_activations"] is None
+    a, b = adapter_weights(tmp_path / "a"), adapter_weights(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(quantize=3), "quantize must be 0"),
+    (dict(quantize=True), "quantize must be 0"),
+    (dict(quantize=4, method="full", optim="galore"), "needs an adapter method"),
+    (dict(quantize=4, prune="loraprune"), "cannot take exactly"),
+    (dict(quantize=4, quant_group_size=12), "multiple of 8"),
+])
+def test_bad_quantize_settings(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        TrainConfig(**kw)

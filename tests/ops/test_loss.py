@@ -124,6 +124,38 @@ def test_bf16_weight_and_autocast_keep_fp32_accumulation():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frozen_bf16_head_is_upcast_a_vocab_slice_at_a_time(monkeypatch, with_bias):
+    """A frozen bf16 head: same loss and hidden grad as an fp32 copy of it, with the cast done
+    in vocab slices (7 rows here: 50 = 7 x 7 + 1, so the last slice is ragged)."""
+    import lorakit.ops.loss as loss_mod
+
+    h, w, y = _data(seed=9)
+    wb = w.bfloat16()
+    b = (torch.randn(V) * 0.1) if with_bias else None
+    hh = h.clone().requires_grad_(True)
+    ref = _ref(hh, wb.float(), y, b=b)
+    ref.backward()
+    casts = []
+    real_to = torch.Tensor.to
+
+    def spy(t, *a, **k):
+        out = real_to(t, *a, **k)
+        if t.dtype == torch.bfloat16 and out.dtype == torch.float32 and t.dim() == 2 and t.shape[1] == D:
+            casts.append(t.shape[0])
+        return out
+
+    monkeypatch.setattr(loss_mod, "_VOCAB_SLICE", 7)
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    hg = h.clone().requires_grad_(True)
+    got = chunked_linear_cross_entropy(hg, wb, y, chunk_size=8, bias=b)
+    got.backward()
+    monkeypatch.undo()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hg.grad, hh.grad, atol=1e-5, rtol=1e-5)
+    assert casts and max(casts) == 7  # never the whole (V, d) head in fp32
+
+
 def test_batched_leading_dims():
     h, w, y = _data(seed=7, n=24)
     got = chunked_linear_cross_entropy(h.view(4, 6, D), w, y.view(4, 6), chunk_size=5)

@@ -400,6 +400,17 @@ def _freeze_base(model: nn.Module, new_adapters) -> None:
             model.get_submodule(path).requires_grad_(True)
 
 
+def upcast_trainable(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Cast every trainable bf16/fp16 parameter to `dtype` in place (the adapter's master weights
+    over a half-precision base; train under torch.autocast). Returns how many were cast."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     return list(state(model).configs)
 

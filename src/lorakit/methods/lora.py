@@ -109,8 +109,11 @@ class Lora(nn.Module):
         if self.spec.kind == "embedding":
             # (..., ) ids -> (..., r) -> (..., dim)
             return embed(x, self.lora_embedding_A.T, self.spec) @ self.lora_embedding_B.T * self.scale
-        # (..., d_in) -> (..., r) -> (..., d_out); ΔW is never formed
-        return self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scale
+        # (..., d_in) -> (..., r) -> (..., d_out); ΔW is never formed. Under autocast the matmuls
+        # pick their own dtype: an up-cast here would only add a saved copy of x per module.
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()

@@ -42,6 +42,7 @@ from lorakit.errors import ConfigError
 __all__ = ["chunked_linear_cross_entropy", "causal_lm_loss"]
 
 _REDUCTIONS = ("mean", "sum")
+_VOCAB_SLICE = 4096  # rows of a low-precision head upcast at a time (4096 x 576 fp32 = 9 MB)
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -66,7 +67,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
         # Autocast would silently run our matmuls in bf16; the whole point is fp32 accumulation.
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            w = weight.to(cdtype)  # no copy when already fp32: (V, d)
+            # A bf16/fp16 head is upcast a vocab slice at a time (a whole fp32 copy would add
+            # V x d x 4 bytes at the step's peak); a trained head needs fp32 grad_w anyway.
+            whole = weight.dtype == cdtype or need_w
+            w = weight.to(cdtype) if whole else weight  # no copy when already fp32: (V, d)
             b = None if bias is None else bias.to(cdtype)
             rows = (labels != ignore_index).nonzero().squeeze(1)  # only valid rows do any work
             n_valid = rows.numel()
@@ -81,7 +85,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 idx = rows[start : start + chunk_size]  # (n_c,)
                 h_c = hidden.index_select(0, idx).to(cdtype)  # (n_c, d)
                 y_c = labels.index_select(0, idx).unsqueeze(1)  # (n_c, 1)
-                z = h_c @ w.T if b is None else torch.addmm(b, h_c, w.T)  # (n_c, V)
+                if whole:
+                    z = h_c @ w.T if b is None else torch.addmm(b, h_c, w.T)  # (n_c, V)
+                else:
+                    z = torch.empty(h_c.shape[0], w.shape[0], dtype=cdtype, device=device)
+                    for s in range(0, w.shape[0], _VOCAB_SLICE):
+                        z[:, s:s + _VOCAB_SLICE] = h_c @ w[s:s + _VOCAB_SLICE].to(cdtype).T
+                    if b is not None:
+                        z += b
                 if softcap is not None:
                     t = z.div_(softcap).tanh_()  # reuse z's buffer for tanh(z / s)
                     logits = t * softcap
@@ -102,7 +113,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if t is not None:  # d(s * tanh(z/s))/dz = 1 - tanh^2(z/s)
                     g.mul_(t.square_().neg_().add_(1.0))
                 if need_h:
-                    grad_h.index_copy_(0, idx, (g @ w).to(grad_h.dtype))
+                    if whole:
+                        gh = g @ w
+                    else:
+                        gh = sum(g[:, s:s + _VOCAB_SLICE] @ w[s:s + _VOCAB_SLICE].to(cdtype)
+                                 for s in range(0, w.shape[0], _VOCAB_SLICE))
+                    grad_h.index_copy_(0, idx, gh.to(grad_h.dtype))
                 if need_w:
                     grad_w.addmm_(g.T, h_c)
                 if need_b:
