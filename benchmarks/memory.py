@@ -11,10 +11,14 @@ Python process, so its memory is its own:
     frugal          full-parameter, FRUGAL (blocks, density --frugal-density, T=200, signSGD rest)
     lisa            full-parameter, LISA: embeddings + head always, 2 sampled layers every 20 steps
     int8-lora       frozen base quantized to int8 (per-group 64) + LoRA r=8
-    int4-lora       ... int4                     (target: peak <= 30% of full-adamw's)
+    int4-lora       ... int4 (fp32 compute, the model's own modules)
     int4-lora-gc    int4 + LoRA with gradient checkpointing (activations recomputed in backward)
     int4-lora-bf16  int4 + LoRA with bf16 compute (torch.autocast: QLoRA's recipe of 4-bit storage and
                     16-bit compute; the LoRA weights and AdamW state stay fp32)
+    int4-lora-lean  lorakit's int4 recipe, `lorakit train --quantize 4 --bf16`: the rest of the frozen
+                    base (embeddings, norms) in bf16, fp32 LoRA, bf16 autocast, lean activations
+                    (lorakit.optim.lean), no checkpointing  (target: peak <= 30% of full-adamw's)
+    int4-lora-lean-fp32  int4 + LoRA with lean activations and fp32 compute
     int2-lora       ... int2
     int4-lora-lrec  int4 + LoRA trained with CE + KL to the fp32 model's logits (LREC; the fp32
                     teacher is in memory during training)
@@ -40,7 +44,8 @@ Run (about 30-40 minutes on 2 CPU cores with the defaults):
 
 Prints a table and writes benchmarks/results/memory.json, whose top level holds
 ``galore_state_ratio`` and ``frugal_state_ratio`` (optimizer state / AdamW's) and
-``int4_peak_ratio`` (int4 + LoRA step peak RSS / full-FT AdamW's), and memory.png.
+``int4_peak_ratio`` (step peak RSS of lorakit's int4 + LoRA recipe, int4-lora-lean, / full-FT
+AdamW's; named by ``int4_peak_variant``; the other int4 rows' ratios beside it), and memory.png.
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 VARIANTS = ("full-adamw", "lora", "galore", "frugal", "lisa", "int8-lora", "int4-lora", "int2-lora",
             "int4-lora-lrec", "int2-lora-lrec", "loram", "loraprune", "int4-lora-gc",
-            "int4-lora-bf16", "int4-lora-lean")
+            "int4-lora-bf16", "int4-lora-lean", "int4-lora-lean-fp32")
+INT4_RECIPE = "int4-lora-lean"
 PRUNE_LAYERS = list(range(2, 28))  # LoRAM / LoRAPrune leave the first two and last two layers whole
 
 
@@ -123,8 +129,9 @@ def run_child(a) -> dict:
 
     v = a.child
     torch.manual_seed(a.seed)
-    lean = v.endswith("-lean")  # QLoRA's storage: frozen non-quantized weights in bf16 too
-    model, tok = load_model(a.model, dtype=torch.bfloat16 if lean else torch.float32)
+    lean = "-lean" in v
+    bf16 = v.endswith(("-bf16", "-lean"))  # bf16 autocast; "-lean": QLoRA's storage, the rest of the base in bf16 too
+    model, tok = load_model(a.model, dtype=torch.bfloat16 if v.endswith("-lean") else torch.float32)
     with torch.no_grad():  # private copies: idle mmapped weight pages get evicted and re-read
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.clone()
@@ -170,11 +177,10 @@ def run_child(a) -> dict:
     else:
         lorakit.inject(model, lora_cfg)
         if lean:
+            from lorakit.core.inject import upcast_trainable
             from lorakit.optim import lean_activations
 
-            for p in model.parameters():  # fp32 master weights for the adapter (PEFT's default too)
-                if p.requires_grad:
-                    p.data = p.data.float()
+            upcast_trainable(model)  # fp32 master weights for the adapter over a bf16 base (as lorakit train)
             result["lean"] = lean_activations(model)
     if v == "loraprune":
         from lorakit.prune import LoraPrune, LoraPruneConfig
@@ -206,7 +212,7 @@ def run_child(a) -> dict:
         if lisa is not None:
             lisa.maybe_switch(step, opt)
         x = batches[step]
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=v.endswith(("-bf16", "-lean")))
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
         if teacher is not None:
             from lorakit.quant.lrec import lrec_loss
 
@@ -335,16 +341,18 @@ def main(argv=None) -> int:
         for name, key in (("galore", "galore_state_ratio"), ("frugal", "frugal_state_ratio")):
             if name in by:
                 summary[key] = by[name]["optimizer_state_mb"] / ref["optimizer_state_mb"]
-        if "int4-lora" in by:
-            summary["int4_peak_ratio"] = by["int4-lora"]["step_peak_rss_mb"] / ref["step_peak_rss_mb"]
-            summary["int4_process_peak_ratio"] = by["int4-lora"]["peak_rss_mb"] / ref["peak_rss_mb"]
-        for name, key in (("int4-lora-gc", "int4_gc_peak_ratio"), ("int4-lora-bf16", "int4_bf16_peak_ratio")):
+        if INT4_RECIPE in by:  # the target: lorakit's int4 recipe, no gradient checkpointing
+            summary["int4_peak_ratio"] = by[INT4_RECIPE]["step_peak_rss_mb"] / ref["step_peak_rss_mb"]
+            summary["int4_peak_variant"] = INT4_RECIPE
+            summary["int4_process_peak_ratio"] = by[INT4_RECIPE]["peak_rss_mb"] / ref["peak_rss_mb"]
+        for name, key in (("int4-lora", "int4_fp32_peak_ratio"), ("int4-lora-lean-fp32", "int4_lean_fp32_peak_ratio"),
+                          ("int4-lora-gc", "int4_gc_peak_ratio"), ("int4-lora-bf16", "int4_bf16_peak_ratio")):
             if name in by:
                 summary[key] = by[name]["step_peak_rss_mb"] / ref["step_peak_rss_mb"]
     if "lisa" in by and "lora" in by:
         summary["lisa_vs_lora_peak_ratio"] = by["lisa"]["step_peak_rss_mb"] / by["lora"]["step_peak_rss_mb"]
     for k, val in summary.items():
-        print(f"{k}: {val:.3f}")
+        print(f"{k}: {val:.3f}" if isinstance(val, float) else f"{k}: {val}")
     import torch
 
     payload = {"benchmark": "memory", **summary,

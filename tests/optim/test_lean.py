@@ -71,10 +71,19 @@ def _count_saves(model, x):
     return sum(kept.values()), rebuilt
 
 
-def test_adapters_inputs_are_rebuilt_not_kept():
+def test_adapters_inputs_are_rebuilt_not_kept(monkeypatch):
     model = _adapted()
     lean_activations(model)
+    calls = []
+    real_register = lean_mod._register
+
+    def counting(out, rebuild):
+        real_register(out, lambda: (calls.append(1), rebuild())[1])
+
+    monkeypatch.setattr(lean_mod, "_register", counting)
     kept, rebuilt = _count_saves(model, X)
+    assert len(calls) == 2 * 3  # each output rebuilt once in backward, shared by the ops that saved it
+    monkeypatch.undo()
     # per layer: the input norm's output (saved by q, k, v's LoRA A), the post-attention norm's
     # output (gate, up) and the gated product (down); the first layer's input norm gets no
     # gradient (frozen embeddings) but its output is still rebuilt rather than kept
@@ -201,3 +210,33 @@ def test_lora_under_autocast_saves_its_input_not_a_cast_copy():
         layer(x)
     big = [t for t in saved if t.numel() == x.numel()]
     assert big and all(t.data_ptr() == x.data_ptr() for t in big)  # no fp32 up-cast, no bf16 re-cast
+
+
+class _GatedMLP(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, 16), nn.Linear(d, 16), nn.Linear(16, d)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _InPlaceLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = _GatedMLP()
+
+    def forward(self, x):
+        z = self.mlp(x).exp()  # exp saves its output ...
+        return z.add_(1)  # ... which is then modified in place
+
+
+def test_in_place_change_of_a_saved_tensor_still_raises():
+    layer = _InPlaceLayer()
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="inplace"):  # autograd's own check
+        layer(x).sum().backward()
+    assert lean_activations(layer)["layers"] == 1
+    with pytest.raises(RuntimeError, match="modified in place"):  # ours: autograd skips hooked tensors
+        layer(x).sum().backward()

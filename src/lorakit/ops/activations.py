@@ -9,10 +9,9 @@ training step's memory, so the two functions below keep only what backward canno
 rebuild and recompute the rest (element-wise, O(tokens x d) work, no matmul):
 
     gated_mlp_product(g, u, act):  h = act(g) * u                 saves g, u (not act(g))
-        dL/du = dL/dh * act(g)
-        dL/dg = dL/dh * u * act'(g)
-          silu:  act'(g) = s (1 + g (1 - s)),  s = sigmoid(g)
-          gelu (tanh approximation, GeGLU):  act'(g) by autograd on a local recompute
+        dL/du = dL/dh * act(g)                     act(g) recomputed
+        dL/dg = dL/dh * u * act'(g)                aten's silu_backward / gelu_backward (tanh):
+          silu: act'(g) = s (1 + g (1 - s)), s = sigmoid(g)   the kernels eager autograd runs
 
     rms_norm(x, w, eps, offset):  y = (w + offset) * cast(x̂),  x̂ = x_f32 * r,  r = rsqrt(mean(x_f32^2) + eps)
                                                                   saves x (its own dtype), r (tokens x 1)
@@ -56,23 +55,14 @@ class _GatedProduct(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         g, u = ctx.saved_tensors
-        gf, uf, grad_f = _f32(g), _f32(u), _f32(grad)  # one rounding per result, as autograd's kernels
         dg = du = None
-        if ctx.act == "silu":
-            s = torch.sigmoid(gf)
-            a = gf * s
-            if ctx.needs_input_grad[0]:
-                dg = (grad_f * uf * (s * (1 + gf * (1 - s)))).to(g.dtype)
-        else:
-            with torch.enable_grad():
-                gl = gf.detach().requires_grad_(True)
-                a = _act(gl, ctx.act)
-                if ctx.needs_input_grad[0]:
-                    (dg,) = torch.autograd.grad(a, gl, grad_f * uf)
-                    dg = dg.to(g.dtype)
-            a = a.detach()
+        # exactly eager autograd's math for act(g) * u: the same kernels, the same roundings
         if ctx.needs_input_grad[1]:
-            du = (grad_f * a).to(u.dtype)
+            du = grad * _act(g, ctx.act)
+        if ctx.needs_input_grad[0]:
+            gu = grad * u
+            dg = (torch.ops.aten.silu_backward(gu, g) if ctx.act == "silu"
+                  else torch.ops.aten.gelu_backward(gu, g, approximate="tanh"))
         return dg, du, None
 
 

@@ -1,7 +1,7 @@
 """Lean activations: run a decoder's gated MLPs and RMSNorms with activation-lean autograd.
 
     from lorakit.optim import lean_activations
-    report = lean_activations(model)    # {"mlp": 30, "norm": 61, "skipped": []}
+    report = lean_activations(model)    # {"mlp": 30, "norm": 61, "layers": 30, "skipped": []}
     lean_activations(model, False)      # back to the modules' own forward
 
 Each gated MLP ``down(act(gate(x)) * up(x))`` then keeps g and u for backward instead of g,
@@ -37,16 +37,27 @@ _PROBE_ROWS = 4
 
 
 class _Rebuild:
-    """What a saved activation is packed as: the closure that recomputes it in backward."""
+    """What a saved activation is packed as: a view of one registered output, rebuilt on first
+    unpack and shared by the other ops that saved it (q, k and v save one norm output)."""
 
-    __slots__ = ("fn", "shape")
+    __slots__ = ("entry", "shape")
 
-    def __init__(self, fn, shape):
-        self.fn, self.shape = fn, shape
+    def __init__(self, entry, shape):
+        self.entry, self.shape = entry, shape
+        entry.pending += 1
+
+
+class _Entry:
+    """A registered output: how to rebuild it, and the rebuilt value while unpacks are pending."""
+
+    __slots__ = ("fn", "pending", "value")
+
+    def __init__(self, fn):
+        self.fn, self.pending, self.value = fn, 0, None
 
 
 class _Scope(threading.local):
-    outputs: dict | None = None  # key of a tensor -> (tensor, rebuild fn), inside a lean layer
+    outputs: dict | None = None  # key of a tensor -> (tensor, _Entry), inside a lean layer
 
 
 _SCOPE = _Scope()
@@ -61,16 +72,29 @@ def _pack(t: torch.Tensor):
     hit = _SCOPE.outputs.get(_key(t)) if _SCOPE.outputs is not None else None
     if hit is None or not t.is_contiguous():
         # detached: an op that saves its own output (sdpa, exp, ...) would otherwise hold a tensor
-        # whose grad_fn is that op, a cycle through C++ that leaks an un-backpropagated graph
-        return t.detach()
-    return _Rebuild(hit[1], t.shape)
+        # whose grad_fn is that op, a cycle through C++ that leaks an un-backpropagated graph.
+        # The version is kept for the in-place check autograd skips for hooked tensors.
+        return t.detach(), t._version
+    return _Rebuild(hit[1], t.shape)  # hit: (the output, its _Entry)
 
 
 def _unpack(saved):
     if isinstance(saved, _Rebuild):
-        with torch.no_grad():
-            return saved.fn().view(saved.shape)
-    return saved
+        e = saved.entry
+        if e.value is None:
+            with torch.no_grad():
+                e.value = e.fn()
+        value = e.value
+        e.pending -= 1
+        if e.pending <= 0:  # the last op that saved it: let it go (a retain_graph rerun rebuilds it)
+            e.value = None
+        return value.view(saved.shape)
+    t, version = saved
+    if t._version != version:
+        raise RuntimeError(f"a tensor of shape {tuple(t.shape)} saved for backward inside a lean decoder layer "
+                           f"was modified in place (version {t._version}, saved at {version}); "
+                           "switch the model back with lorakit.optim.lean_activations(model, False)")
+    return t
 
 
 def _other_hooks_active() -> bool:
@@ -82,7 +106,7 @@ def _other_hooks_active() -> bool:
 def _register(out: torch.Tensor, rebuild) -> None:
     """Inside a lean layer, a saved copy of `out` is packed as `rebuild` (same values, recomputed)."""
     if _SCOPE.outputs is not None and out.is_contiguous():  # (even without grad: adapters may save it)
-        _SCOPE.outputs[_key(out)] = (out, rebuild)  # holding `out` keeps its address unique
+        _SCOPE.outputs[_key(out)] = (out, _Entry(rebuild))  # holding `out` keeps its address unique
 
 
 def _lean_layer(self, *args, **kwargs):
