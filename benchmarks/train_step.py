@@ -13,6 +13,9 @@ The wall time of one full training step -- forward + loss + backward + AdamW ``s
     lorakit-all-bf16   lorakit-all under torch.autocast("cpu", dtype=torch.bfloat16)
                        (skipped, and reported so, when the CPU has no bf16 support)
     lorakit-all-compile  lorakit-all with the decoder torch.compile'd (not run by default)
+    lorakit-all-eager  lorakit-all without lean activations (the model's own MLP / norm modules)
+
+Every other lorakit row runs with lean activations (lorakit.optim.lean), as `lorakit train` does.
 
 Same settings everywhere: r=8, alpha=16, dropout 0, a batch of 8 x 128 random token ids
 (fixed seed, a new batch every step, labels = inputs), AdamW(lr=1e-4, torch defaults
@@ -85,11 +88,14 @@ VARIANTS = {
     "lorakit-all-system": dict(impl="lorakit", target="all-linear", ref="peft-all", alloc="system"),
     "lorakit-all-bf16": dict(impl="lorakit", target="all-linear", ref="peft-all", bf16=True, alloc="tcmalloc"),
     "lorakit-all-compile": dict(impl="lorakit", target="all-linear", ref="peft-all", compile=True, alloc="tcmalloc"),
+    "lorakit-all-eager": dict(impl="lorakit", target="all-linear", ref="peft-all", lean=False, alloc="tcmalloc"),
 }
+for _spec in VARIANTS.values():  # lean activations as `lorakit train` (off under torch.compile, as there)
+    _spec.setdefault("lean", _spec["impl"] == "lorakit" and not _spec.get("compile"))
 DEFAULT_VARIANTS = [v for v in VARIANTS if v != "lorakit-all-compile"]
 # (lorakit row, PEFT row) pairs whose loss curves must agree: same config, both fp32
 LOSS_PAIRS = [("lorakit-qkvo", "peft-qkvo"), ("lorakit-all", "peft-all"), ("lorakit-all-system", "peft-all"),
-              ("lorakit-all-compile", "peft-all")]
+              ("lorakit-all-compile", "peft-all"), ("lorakit-all-eager", "peft-all")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -248,6 +254,10 @@ def run_child(a: argparse.Namespace) -> dict:
 
         if compile_:
             compile_decoder(model)
+        elif spec["lean"]:
+            from lorakit.optim import lean_activations
+
+            result["lean"] = lean_activations(model)
 
         def compute_loss(x):
             return causal_lm_training_loss(model, x, x, **({"chunk_size": a.chunk_size} if a.chunk_size else {}))

@@ -6,18 +6,25 @@
 
 Each gated MLP ``down(act(gate(x)) * up(x))`` then keeps g and u for backward instead of g,
 act(g) and u, and each RMSNorm keeps x and 1/rms instead of (under bf16) an fp32 copy of x;
-the math is in ``lorakit.ops.activations``. Forward values are unchanged and gradients equal
-to float rounding. On SmolLM2-135M with LoRA on every linear layer (batch 8 x 128, bf16
-compute) this removes 20% of the bytes saved for backward with no recomputed matmul
-(``benchmarks/memory.py``, variant ``int4-lora-lean``); gradient checkpointing removes far more
-but recomputes every layer's forward.
+the math is in ``lorakit.ops.activations``. Each decoder layer holding such an MLP also runs
+under a saved-tensor hook: the norm outputs and the gated product, which the adapters on the
+next projections save for their weight gradients (LoRA's A needs its input), are stored as
+"rebuild from what is kept anyway" (x and 1/rms; g and u) and rebuilt once in backward, shared
+by every op that saved them. No matmul is recomputed. Forward values are unchanged and
+gradients equal to float rounding (the gated product's are bit-identical). On SmolLM2-135M with
+LoRA on every linear layer (batch 8 x 128) the bytes kept for backward fall from 663 MB to
+348 MB in bf16 and from 1190 MB to 695 MB in fp32, at the same step time
+(``benchmarks/memory.py``: int4 + LoRA peaks at 0.28x of full fine-tuning without
+checkpointing). Gradient checkpointing keeps less still but recomputes every layer's forward;
+when it is on, its hooks take precedence and the lean layers only keep the lean MLP/norm math.
 
 A module is switched only if it has the expected parts (``gate_proj``/``up_proj``/
 ``down_proj``/``act_fn``; an RMSNorm with ``weight`` and ``variance_epsilon`` or ``eps``) and
 its own forward gives the same output as the lean one on a random probe input; anything else
 keeps its forward and is listed under "skipped". Adapters on the projections (LoRA etc.) keep
-working: the lean MLP calls the same (possibly adapted) submodules. Switch the modules after
-injecting adapters whose dropout is zero or in train mode; the probe runs in eval mode.
+working: the lean MLP calls the same (possibly adapted) submodules, before or after injection
+(the probes run in eval mode, so adapter dropout does not disturb them). An adapter with
+dropout > 0 saves its own dropped copy of the input: only the lean MLP/norm math helps it.
 """
 
 from __future__ import annotations
