@@ -303,7 +303,12 @@ def plot(results: list[dict], path: Path) -> None:
     ok = [r for r in results if "failed" not in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = [r["variant"] for r in ok]
-    ax1.barh(names, [r["step_peak_rss_mb"] for r in ok], color="tab:blue")
+    ax1.barh(names, [r["step_peak_rss_mb"] for r in ok],
+             color=["tab:orange" if n == INT4_RECIPE else "tab:blue" for n in names])
+    ref = next((r for r in ok if r["variant"] == "full-adamw"), None)
+    if ref is not None:
+        ax1.axvline(0.3 * ref["step_peak_rss_mb"], color="tab:red", ls="--", lw=1, label="30% of full-adamw")
+        ax1.legend(loc="lower right", fontsize=8)
     ax1.set(xlabel="peak RSS during training steps (MB)", title="Memory (SmolLM2-135M, batch 8x128)")
     ax1.invert_yaxis()
     ax2.scatter([r["step_peak_rss_mb"] for r in ok], [r["heldout_bits_per_byte"] for r in ok])

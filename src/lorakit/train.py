@@ -113,11 +113,11 @@ class TrainConfig:
     frugal_state_free_lr_scale: float = 0.1  # the paper's fine-tuning value (1.0 for pre-training)
     allora_eta: float = 1.0  # ALLoRA (optim="allora"): per-row gradient scale 1/sqrt(|row|^2 + 1/eta^2)
     lisa: bool = False
+    lisa_layers: int = 2
+    lisa_interval: int = 20
     quantize: int = 0
     quant_group_size: int = 64
     lean_activations: bool = True
-    lisa_layers: int = 2
-    lisa_interval: int = 20
     max_length: int = 256  # seq-cls: truncate documents to this many tokens
     prune: str = "none"
     sparsity: float = 0.5
@@ -164,7 +164,7 @@ class TrainConfig:
         if self.expand_vocab and self.task != "causal-lm":
             raise ConfigError("expand_vocab applies to task='causal-lm' only")
         if self.quantize:
-            from lorakit.quant import SUPPORTED_BITS
+            from lorakit.quant import SUPPORTED_BITS, check_quant_settings
 
             if isinstance(self.quantize, bool) or self.quantize not in SUPPORTED_BITS:
                 raise ConfigError(f"quantize must be 0 (off) or one of {SUPPORTED_BITS} bits, got {self.quantize!r}")
@@ -173,9 +173,9 @@ class TrainConfig:
             if self.prune != "none":
                 raise ConfigError("prune='loraprune' merges the adapter into the base weights, which a quantized "
                                   "base cannot take exactly; use quantize=0")
-            if isinstance(self.quant_group_size, bool) or not isinstance(self.quant_group_size, int) \
-                    or self.quant_group_size <= 0 or self.quant_group_size % 8:
-                raise ConfigError(f"quant_group_size must be a positive multiple of 8, got {self.quant_group_size!r}")
+            if isinstance(self.quant_group_size, bool):
+                raise ConfigError(f"quant_group_size must be an integer, got {self.quant_group_size!r}")
+            check_quant_settings(self.quantize, self.quant_group_size)
         if self.optim == "galore_layerwise" and (self.grad_accum != 1 or self.lisa):
             raise ConfigError("optim='galore_layerwise' steps inside backward: it needs grad_accum=1 and no lisa")
 

@@ -6,7 +6,7 @@ import weakref
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import lorakit
 import lorakit.optim.lean as lean_mod

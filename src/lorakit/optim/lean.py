@@ -33,8 +33,8 @@ import threading
 import types
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from lorakit.ops.activations import gated_mlp_product, rms_norm
 

@@ -14,6 +14,7 @@ from lorakit.quant.lrec import kl_to_teacher, lrec_loss, lrec_train
 from lorakit.quant.quantize import (
     SUPPORTED_BITS,
     QuantLinear,
+    check_quant_settings,
     dequantize_weight,
     load_quantized,
     merge_lora_into_quantized,
@@ -29,6 +30,7 @@ from lorakit.quant.quantize import (
 __all__ = [
     "SUPPORTED_BITS",
     "QuantLinear",
+    "check_quant_settings",
     "dequantize_weight",
     "kl_to_teacher",
     "load_quantized",

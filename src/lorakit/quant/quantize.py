@@ -71,7 +71,8 @@ _CONFIG_FILE = "quantization.json"
 _WEIGHTS_FILE = "model.safetensors"
 
 
-def _check(bits: int, group_size: int) -> None:
+def check_quant_settings(bits: int, group_size: int) -> None:
+    """ConfigError unless `bits` is supported and `group_size` packs whole bytes."""
     if bits not in SUPPORTED_BITS:
         raise ConfigError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
     if not isinstance(group_size, int) or group_size <= 0 or group_size % (8 // bits):
@@ -108,7 +109,7 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 @torch.no_grad()
 def quantize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 64, symmetric: bool = False):
     """W (d_out, d_in) -> (qweight, scales, zeros or None); see the module docstring."""
-    _check(bits, group_size)
+    check_quant_settings(bits, group_size)
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight (d_out, d_in), got shape {tuple(w.shape)}")
     d_out, d_in = w.shape
@@ -188,7 +189,7 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 64,
                  symmetric: bool = False, bias: bool = True, device=None, dtype=torch.float32):
         super().__init__()
-        _check(bits, group_size)
+        check_quant_settings(bits, group_size)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.compute_dtype = dtype  # dtype of the dequantized weight (and `weight`)
@@ -296,7 +297,7 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, target
     output head), a list of module names (suffix match) or a regex (full match on the path).
     Quantize before attaching adapters. Returns the model.
     """
-    _check(bits, group_size)
+    check_quant_settings(bits, group_size)
     from lorakit.core.layer import AdaptedLayer
 
     if any(isinstance(m, AdaptedLayer) for m in model.modules()):
