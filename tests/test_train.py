@@ -243,3 +243,31 @@ def test_lean_activations_train_like_plain(tiny_model_dir, text_file, tmp_path):
 def test_bad_quantize_settings(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         TrainConfig(**kw)
+
+
+def test_lrec_training_lowers_the_kl_to_the_unquantized_base(tiny_model_dir, text_file, tmp_path):
+    """Same quantized base, same steps: the LREC adapter ends closer to the unquantized model
+    than an adapter trained on the labels alone."""
+    from lorakit.models import load_model
+    from lorakit.quant import kl_to_teacher
+
+    teacher, _ = load_model(str(tiny_model_dir))
+    x = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    kl = {}
+    for lrec in (False, True):
+        res = train(cfg(tiny_model_dir, text_file, tmp_path / f"lrec{lrec}", max_steps=12, quantize=2,
+                        quant_group_size=16, lrec=lrec, lrec_kl_weight=10.0), adapter={"r": 4})
+        kl[lrec] = kl_to_teacher(res.model.eval(), teacher, [x])
+        assert res.log["config"]["lrec"] is lrec
+    assert kl[True] < 0.75 * kl[False], kl  # 0.56x here
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"lrec": True}, "set quantize"),
+    ({"lrec": True, "quantize": 4, "task": "seq-cls"}, "task must be 'causal-lm'"),
+    ({"lrec_temperature": 0.0}, "lrec_temperature must be > 0"),
+    ({"lrec_kl_weight": -1.0}, "lrec_kl_weight must be a finite number"),
+])
+def test_bad_lrec_settings(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        TrainConfig(**kw)

@@ -64,6 +64,11 @@ class TrainConfig:
         bf16 the rest of the frozen base is loaded in bf16 too and the adapter kept in fp32
         (QLoRA's recipe): on SmolLM2-135M, int4 + LoRA + bf16 peaks at 0.28x of full fp32
         fine-tuning's memory (benchmarks/memory.py).
+    lrec: with `quantize`, train the adapter against the labels AND the unquantized model's
+        output distribution, CE + `lrec_kl_weight` · T² · KL(teacher ‖ student) at temperature
+        `lrec_temperature` (LREC, INT2.1, arXiv:2306.08162; lorakit.quant.lrec). The teacher is a
+        copy of the base taken before quantizing and stays in memory, and both models' full logits
+        are formed: it costs more memory than plain training on the quantized base.
     lean_activations: gated MLPs and RMSNorms keep less for backward and their outputs are
         rebuilt instead of kept by the adapters (lorakit.optim.lean; same values, gradients
         equal to float rounding; off under torch.compile).
@@ -117,6 +122,9 @@ class TrainConfig:
     lisa_interval: int = 20
     quantize: int = 0
     quant_group_size: int = 64
+    lrec: bool = False
+    lrec_kl_weight: float = 1.0
+    lrec_temperature: float = 1.0
     lean_activations: bool = True
     max_length: int = 256  # seq-cls: truncate documents to this many tokens
     prune: str = "none"
@@ -176,6 +184,14 @@ class TrainConfig:
             if isinstance(self.quant_group_size, bool):
                 raise ConfigError(f"quant_group_size must be an integer, got {self.quant_group_size!r}")
             check_quant_settings(self.quantize, self.quant_group_size)
+        if self.lrec:
+            if not self.quantize:
+                raise ConfigError("lrec corrects the error of a quantized base: set quantize (8, 4 or 2)")
+            if self.task != "causal-lm":
+                raise ConfigError("lrec distils the base model's next-token distribution: task must be 'causal-lm'")
+        check_finite_nonneg("lrec_kl_weight", self.lrec_kl_weight)
+        if check_finite_nonneg("lrec_temperature", self.lrec_temperature) == 0:
+            raise ConfigError(f"lrec_temperature must be > 0, got {self.lrec_temperature!r}")
         if self.optim == "galore_layerwise" and (self.grad_accum != 1 or self.lisa):
             raise ConfigError("optim='galore_layerwise' steps inside backward: it needs grad_accum=1 and no lisa")
 
@@ -327,13 +343,26 @@ def _trainer_cls():
     class LorakitTrainer(Trainer):
         """Trainer with a chunked causal-LM loss and adapter-only checkpoints."""
 
-        def __init__(self, *a, adapter_name: str = "default", chunked_loss: bool = True, **kw):
+        def __init__(self, *a, adapter_name: str = "default", chunked_loss: bool = True,
+                     teacher: nn.Module | None = None, lrec_kl_weight: float = 1.0, lrec_temperature: float = 1.0,
+                     **kw):
             super().__init__(*a, **kw)
             self.adapter_name = adapter_name
             self.chunked_loss = chunked_loss
+            self.teacher, self.lrec_kl_weight, self.lrec_temperature = teacher, lrec_kl_weight, lrec_temperature
             self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.teacher is not None and not return_outputs:  # LREC: CE + KL to the unquantized base
+                from lorakit.quant.lrec import lrec_loss
+
+                x = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+                if next(self.teacher.parameters()).device != x["input_ids"].device:
+                    self.teacher.to(x["input_ids"].device)  # Trainer placed the student, not the teacher
+                with torch.no_grad():
+                    zt = self.teacher(**x).logits
+                return lrec_loss(model(**x).logits, zt, inputs["labels"], kl_weight=self.lrec_kl_weight,
+                                 T=self.lrec_temperature)
             loss = None
             if self.chunked_loss and not return_outputs and "input_ids" in inputs and "labels" in inputs:
                 loss = causal_lm_training_loss(self.accelerator.unwrap_model(model), inputs["input_ids"],
@@ -520,9 +549,16 @@ def train(
         acfg = read_config(Path(resume) / "adapter")[0]
         if acfg.method != cfg.method:
             raise ConfigError(f"checkpoint {resume} holds a {acfg.method!r} adapter, not {cfg.method!r}")
+    teacher = None
     if cfg.quantize:
         from lorakit.quant import quantize_model, quantized_modules
 
+        if cfg.lrec:
+            if quantized_modules(model):
+                raise ConfigError("lrec needs the unquantized base as its teacher; pass an unquantized model")
+            import copy
+
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
         if not quantized_modules(model):  # a model passed in may come quantized already
             quantize_model(model, bits=cfg.quantize, group_size=cfg.quant_group_size)
     set_seed(cfg.seed)  # adapter init independent of how much data loading consumed the RNG
@@ -582,6 +618,7 @@ def train(
         model=model, args=args, train_dataset=dataset, adapter_name=None if full else adapter_name,
         optimizers=optimizers,
         chunked_loss=cfg.chunked_loss and cfg.task == "causal-lm",
+        teacher=teacher, lrec_kl_weight=cfg.lrec_kl_weight, lrec_temperature=cfg.lrec_temperature,
         callbacks=[_loss_plot_callback(out), *method_callbacks, *(callbacks or [])],
     )
     t1 = time.time()
