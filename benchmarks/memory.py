@@ -20,9 +20,11 @@ Python process, so its memory is its own:
                     (lorakit.optim.lean), no checkpointing  (target: peak <= 30% of full-adamw's)
     int4-lora-lean-fp32  int4 + LoRA with lean activations and fp32 compute
     int2-lora       ... int2
-    int4-lora-lrec  int4 + LoRA trained with CE + KL to the fp32 model's logits (LREC; the fp32
-                    teacher is in memory during training)
+    int4-lora-lrec  int4 + LoRA trained with CE + KL to the fp32 model's distribution (LREC; the fp32
+                    teacher is in memory during training; the loss from both models' hidden states
+                    in row chunks, lorakit.quant.lrec_training_loss, as `lorakit train --lrec`)
     int2-lora-lrec  the same at int2
+    int4-lora-lrec-lean  LREC with lorakit's int4 recipe (`train --quantize 4 --bf16 --lrec`: bf16 teacher)
     loram           LoRAM: LoRA trained on a copy pruned by 50% (KV groups and MLP channels,
                     layers 2..27, random), recovered to the full model, evaluated on the full model
     loraprune       LoRAPrune: LoRA training with LoRA-gradient structured pruning to 50% of KV
@@ -69,7 +71,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 VARIANTS = ("full-adamw", "lora", "galore", "frugal", "lisa", "int8-lora", "int4-lora", "int2-lora",
             "int4-lora-lrec", "int2-lora-lrec", "loram", "loraprune", "int4-lora-gc",
-            "int4-lora-bf16", "int4-lora-lean", "int4-lora-lean-fp32")
+            "int4-lora-bf16", "int4-lora-lean", "int4-lora-lean-fp32", "int4-lora-lrec-lean")
 INT4_RECIPE = "int4-lora-lean"
 PRUNE_LAYERS = list(range(2, 28))  # LoRAM / LoRAPrune leave the first two and last two layers whole
 
@@ -125,7 +127,7 @@ def run_child(a) -> dict:
     from lorakit.evaluate import evaluate_lm
     from lorakit.models import load_model
     from lorakit.optim import state_bytes
-    from lorakit.train import causal_lm_training_loss
+    from lorakit.train import DEFAULT_LOSS_CHUNK, causal_lm_training_loss
 
     v = a.child
     torch.manual_seed(a.seed)
@@ -150,7 +152,7 @@ def run_child(a) -> dict:
     if v.startswith(("int8", "int4", "int2")):
         from lorakit.quant import quantize_model, quantized_nbytes
 
-        if v.endswith("lrec"):
+        if "-lrec" in v:
             import copy
 
             teacher = copy.deepcopy(model).eval()
@@ -213,15 +215,12 @@ def run_child(a) -> dict:
             lisa.maybe_switch(step, opt)
         x = batches[step]
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-        if teacher is not None:
-            from lorakit.quant.lrec import lrec_loss
+        with autocast:
+            if teacher is not None:
+                from lorakit.quant.lrec import lrec_training_loss
 
-            with torch.no_grad():
-                zt = teacher(input_ids=x).logits
-            loss = lrec_loss(model(input_ids=x).logits, zt, x)
-            del zt
-        else:
-            with autocast:
+                loss = lrec_training_loss(model, teacher, x, x, chunk_size=DEFAULT_LOSS_CHUNK)
+            else:
                 loss = causal_lm_training_loss(model, x, x)
         loss.backward()
         if pruner is not None:

@@ -67,8 +67,8 @@ class TrainConfig:
     lrec: with `quantize`, train the adapter against the labels AND the unquantized model's
         output distribution, CE + `lrec_kl_weight` · T² · KL(teacher ‖ student) at temperature
         `lrec_temperature` (LREC, INT2.1, arXiv:2306.08162; lorakit.quant.lrec). The teacher is a
-        copy of the base taken before quantizing and stays in memory, and both models' full logits
-        are formed: it costs more memory than plain training on the quantized base.
+        copy of the base taken before quantizing and stays in memory (both losses come from the
+        models' hidden states in row chunks: no full logits are formed).
     lean_activations: gated MLPs and RMSNorms keep less for backward and their outputs are
         rebuilt instead of kept by the adapters (lorakit.optim.lean; same values, gradients
         equal to float rounding; off under torch.compile).
@@ -354,15 +354,14 @@ def _trainer_cls():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.teacher is not None and not return_outputs:  # LREC: CE + KL to the unquantized base
-                from lorakit.quant.lrec import lrec_loss
+                from lorakit.quant.lrec import lrec_training_loss
 
-                x = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
-                if next(self.teacher.parameters()).device != x["input_ids"].device:
-                    self.teacher.to(x["input_ids"].device)  # Trainer placed the student, not the teacher
-                with torch.no_grad():
-                    zt = self.teacher(**x).logits
-                return lrec_loss(model(**x).logits, zt, inputs["labels"], kl_weight=self.lrec_kl_weight,
-                                 T=self.lrec_temperature)
+                ids = inputs["input_ids"]
+                if next(self.teacher.parameters()).device != ids.device:
+                    self.teacher.to(ids.device)  # Trainer placed the student, not the teacher
+                return lrec_training_loss(self.accelerator.unwrap_model(model), self.teacher, ids, inputs["labels"],
+                                          inputs.get("attention_mask"), kl_weight=self.lrec_kl_weight,
+                                          T=self.lrec_temperature, chunk_size=DEFAULT_LOSS_CHUNK)
             loss = None
             if self.chunked_loss and not return_outputs and "input_ids" in inputs and "labels" in inputs:
                 loss = causal_lm_training_loss(self.accelerator.unwrap_model(model), inputs["input_ids"],

@@ -247,3 +247,69 @@ def test_causal_lm_loss_grads_match_transformers(tiny_llama):
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4, msg=n)
     model.zero_grad()
+
+
+# -- causal_lm_distill_loss (LREC's CE + KL from hidden states) ------------------------------------
+def _distill_data(seed=0, b=2, t=9, d=8, dt=6, v=50, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(b, t, d, generator=g, dtype=dtype)
+    w = torch.randn(v, d, generator=g, dtype=dtype)
+    ht = torch.randn(b, t, dt, generator=g, dtype=dtype)
+    wt = torch.randn(v, dt, generator=g, dtype=dtype)
+    y = torch.randint(0, v, (b, t), generator=g)
+    y[0, 3] = y[1, 5] = -100
+    return h, w, ht, wt, y
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kl_weight", [0.0, 1.0, 3.0])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_distill_loss_matches_lrec_loss_on_full_logits(temperature, kl_weight, with_labels):
+    from lorakit.ops.loss import causal_lm_distill_loss
+    from lorakit.quant import lrec_loss
+
+    h, w, ht, wt, y = _distill_data()
+    y = y if with_labels else None
+    hr = h.clone().requires_grad_(True)
+    ref = lrec_loss(hr @ w.T, ht @ wt.T, y, kl_weight=kl_weight, T=temperature)
+    ref.backward()
+    hg = h.clone().requires_grad_(True)
+    got = causal_lm_distill_loss(hg, w, ht, wt, y, kl_weight=kl_weight, temperature=temperature, chunk_size=4)
+    got.backward()
+    torch.testing.assert_close(got.double(), ref.double(), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(hg.grad, hr.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_distill_loss_keeps_no_logits_and_takes_a_bf16_teacher():
+    from lorakit.ops.loss import causal_lm_distill_loss
+    from lorakit.quant import lrec_loss
+
+    h, w, ht, wt, y = _distill_data(seed=1, t=33, v=300, dtype=torch.float32)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    hg = h.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = causal_lm_distill_loss(hg, w, ht.bfloat16(), wt.bfloat16(), y, chunk_size=8)
+    assert max(sizes) <= h.numel() < y.numel() * 300  # only dL/dh is kept, never (N, V)
+    ref = lrec_loss(h @ w.T, ht.bfloat16().float() @ wt.bfloat16().float().T, y)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_distill_loss_bad_inputs():
+    from lorakit.ops.loss import causal_lm_distill_loss
+
+    h, w, ht, wt, y = _distill_data()
+    with pytest.raises(ConfigError, match="temperature > 0"):
+        causal_lm_distill_loss(h, w, ht, wt, y, temperature=0.0)
+    with pytest.raises(ConfigError, match="shapes do not chain"):
+        causal_lm_distill_loss(h, w, ht, wt[:, :4], y)
+    with pytest.raises(ConfigError, match="leading shapes differ"):
+        causal_lm_distill_loss(h, w, ht[:, :5], wt, y)
+    with pytest.raises(ConfigError, match="frozen head"):
+        causal_lm_distill_loss(h, w.clone().requires_grad_(True), ht, wt, y)
+    with pytest.raises(ConfigError, match="outside"):
+        causal_lm_distill_loss(h, w, ht, wt, torch.full_like(y, 999))

@@ -86,3 +86,25 @@ def test_lrec_lowers_kl_to_fp32_teacher(kl_only, max_ratio):
     lrec_train(student, teacher, train, steps=60, lr=3e-3)
     after = kl_to_teacher(student, teacher, held_out)
     assert after < max_ratio * before, (before, after)
+
+
+def test_lrec_training_loss_from_hidden_states_equals_full_logits():
+    """The chunked path (no full logits) and lrec_loss on the models' logits agree."""
+    from lorakit.quant import lrec_training_loss
+
+    teacher, train, _ = _teacher_and_data(1, 1)
+    student = quantize_model(copy.deepcopy(teacher), bits=4, group_size=32)
+    lorakit.inject(student, LoraConfig(r=4, alpha=8, target="all-linear"))
+    for n, p in student.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    ids = train[0]["input_ids"]
+    for labels in (ids, None):
+        got = lrec_training_loss(student, teacher, ids, labels, kl_weight=2.0, T=1.5)
+        (g_got,) = torch.autograd.grad(got, [p for p in student.parameters() if p.requires_grad][:1])
+        with torch.no_grad():
+            zt = teacher(input_ids=ids).logits
+        ref = lrec_loss(student(input_ids=ids).logits, zt, labels, kl_weight=2.0, T=1.5)
+        (g_ref,) = torch.autograd.grad(ref, [p for p in student.parameters() if p.requires_grad][:1])
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g_got, g_ref, atol=1e-6, rtol=1e-4)

@@ -39,7 +39,7 @@ import torch
 
 from lorakit.errors import ConfigError
 
-__all__ = ["chunked_linear_cross_entropy", "causal_lm_loss"]
+__all__ = ["chunked_linear_cross_entropy", "causal_lm_loss", "causal_lm_distill_loss"]
 
 _REDUCTIONS = ("mean", "sum")
 _VOCAB_SLICE = 4096  # rows of a low-precision head upcast at a time (4096 x 576 fp32 = 9 MB)
@@ -51,6 +51,26 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     for dt in dtypes:
         out = torch.promote_types(out, dt)
     return out
+
+
+def _head_logits(h_c: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cdtype: torch.dtype) -> torch.Tensor:
+    """h_c @ w.T (+ b) in cdtype, (n_c, V). A w of another dtype (a frozen bf16/fp16 head) is upcast
+    a vocab slice at a time: a whole fp32 copy would add V x d x 4 bytes at the step's peak."""
+    if w.dtype == cdtype:
+        return h_c @ w.T if b is None else torch.addmm(b, h_c, w.T)
+    z = torch.empty(h_c.shape[0], w.shape[0], dtype=cdtype, device=h_c.device)
+    for s in range(0, w.shape[0], _VOCAB_SLICE):
+        z[:, s:s + _VOCAB_SLICE] = h_c @ w[s:s + _VOCAB_SLICE].to(cdtype).T
+    if b is not None:
+        z += b
+    return z
+
+
+def _head_input_grad(g: torch.Tensor, w: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
+    """g @ w (n_c, d) in cdtype, upcasting a low-precision w a vocab slice at a time."""
+    if w.dtype == cdtype:
+        return g @ w
+    return sum(g[:, s:s + _VOCAB_SLICE] @ w[s:s + _VOCAB_SLICE].to(cdtype) for s in range(0, w.shape[0], _VOCAB_SLICE))
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -67,10 +87,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
         # Autocast would silently run our matmuls in bf16; the whole point is fp32 accumulation.
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            # A bf16/fp16 head is upcast a vocab slice at a time (a whole fp32 copy would add
-            # V x d x 4 bytes at the step's peak); a trained head needs fp32 grad_w anyway.
-            whole = weight.dtype == cdtype or need_w
-            w = weight.to(cdtype) if whole else weight  # no copy when already fp32: (V, d)
+            # a trained head needs a whole fp32 grad_w anyway; a frozen bf16 one is upcast in slices
+            w = weight.to(cdtype) if need_w else weight  # no copy when already fp32: (V, d)
             b = None if bias is None else bias.to(cdtype)
             rows = (labels != ignore_index).nonzero().squeeze(1)  # only valid rows do any work
             n_valid = rows.numel()
@@ -85,14 +103,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 idx = rows[start : start + chunk_size]  # (n_c,)
                 h_c = hidden.index_select(0, idx).to(cdtype)  # (n_c, d)
                 y_c = labels.index_select(0, idx).unsqueeze(1)  # (n_c, 1)
-                if whole:
-                    z = h_c @ w.T if b is None else torch.addmm(b, h_c, w.T)  # (n_c, V)
-                else:
-                    z = torch.empty(h_c.shape[0], w.shape[0], dtype=cdtype, device=device)
-                    for s in range(0, w.shape[0], _VOCAB_SLICE):
-                        z[:, s:s + _VOCAB_SLICE] = h_c @ w[s:s + _VOCAB_SLICE].to(cdtype).T
-                    if b is not None:
-                        z += b
+                z = _head_logits(h_c, w, b, cdtype)  # (n_c, V)
                 if softcap is not None:
                     t = z.div_(softcap).tanh_()  # reuse z's buffer for tanh(z / s)
                     logits = t * softcap
@@ -113,12 +124,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if t is not None:  # d(s * tanh(z/s))/dz = 1 - tanh^2(z/s)
                     g.mul_(t.square_().neg_().add_(1.0))
                 if need_h:
-                    if whole:
-                        gh = g @ w
-                    else:
-                        gh = sum(g[:, s:s + _VOCAB_SLICE] @ w[s:s + _VOCAB_SLICE].to(cdtype)
-                                 for s in range(0, w.shape[0], _VOCAB_SLICE))
-                    grad_h.index_copy_(0, idx, gh.to(grad_h.dtype))
+                    grad_h.index_copy_(0, idx, _head_input_grad(g, w, cdtype).to(grad_h.dtype))
                 if need_w:
                     grad_w.addmm_(g.T, h_c)
                 if need_b:
@@ -276,3 +282,117 @@ def causal_lm_loss(
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     return loss
+
+
+# -- distillation: CE + KL to a teacher's distribution, from both models' hidden states ----------
+class _ChunkedLinearDistill(torch.autograd.Function):
+    """CE + kl_weight * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) per valid row, in row chunks:
+
+        z_s = h_s W_s^T,  z_t = h_t W_t^T                        (n_c, V) fp32, per chunk
+        loss_i = lse(z_s,i) - z_s,i[y_i] + k T^2 sum_v p_v (log p_v - log q_v)
+                 p = softmax(z_t,i / T),  q = softmax(z_s,i / T)
+        dL/dz_s,i = (softmax(z_s,i) - onehot(y_i) + k T (q - p)) / n   (n = valid rows)
+        dL/dh_s = dL/dz_s @ W_s                                   (only this is kept for backward)
+
+    Neither model's (N, V) logits are ever held: at most a few (chunk, V) fp32 buffers.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, t_hidden, t_weight, labels, chunk_size, ignore_index, kl_weight, T, ce):
+        cdtype = _compute_dtype(hidden.dtype, weight.dtype)
+        device = hidden.device
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            rows = (labels != ignore_index).nonzero().squeeze(1)
+            n = max(rows.numel(), 1)
+            loss = torch.zeros((), dtype=cdtype, device=device)
+            grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+            for start in range(0, rows.numel(), chunk_size):
+                idx = rows[start : start + chunk_size]
+                y_c = labels.index_select(0, idx).unsqueeze(1)  # (n_c, 1)
+                z = _head_logits(hidden.index_select(0, idx).to(cdtype), weight, None, cdtype)  # (n_c, V)
+                zt = _head_logits(t_hidden.index_select(0, idx).to(cdtype), t_weight, None, cdtype)
+                lp = torch.log_softmax(zt.div_(T), dim=1)  # log p (teacher at T)
+                del zt
+                ls = torch.log_softmax(z, dim=1)  # log softmax(z_s): the CE part
+                lq = ls if T == 1.0 else torch.log_softmax(z.div_(T), dim=1)  # log q (student at T)
+                del z
+                p = lp.exp()
+                kl = lp.sub_(lq).mul_(p).sum() * (T * T)  # sum p (log p - log q), in lp's buffer
+                del lp
+                loss += kl_weight * kl - (ls.gather(1, y_c).sum() if ce else 0.0)
+                if grad_h is None:
+                    continue
+                g = ls.exp_()  # softmax(z_s), in ls's buffer
+                if lq is ls:  # T = 1: q = softmax(z_s) = g
+                    g.mul_(float(ce) + kl_weight).sub_(p, alpha=kl_weight)
+                else:
+                    g.mul_(float(ce)).add_(lq.exp_().sub_(p), alpha=kl_weight * T)
+                if ce:
+                    g.scatter_add_(1, y_c, torch.full(y_c.shape, -1.0, dtype=cdtype, device=device))
+                g.div_(n)
+                grad_h.index_copy_(0, idx, _head_input_grad(g, weight, cdtype).to(grad_h.dtype))
+            loss = loss / n
+        ctx.save_for_backward(grad_h)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        (grad_h,) = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
+        return gh, None, None, None, None, None, None, None, None, None
+
+
+def causal_lm_distill_loss(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher_hidden_states: torch.Tensor,
+    teacher_head_weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    kl_weight: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int = 128,
+) -> torch.Tensor:
+    """Next-token CE + kl_weight * T^2 * KL(teacher || student), from both models' last hidden
+    states, never holding either (tokens x vocab) logits tensor.
+
+    Equal (within float tolerance) to ``lorakit.quant.lrec_loss(student_logits, teacher_logits,
+    labels, kl_weight, T)``: position t predicts label t+1, both terms are averaged over the
+    positions whose label is not ``ignore_index``. The gradient flows to ``hidden_states`` only:
+    the heads and the teacher get none (use ``lrec_loss`` on full logits when a head trains).
+
+    Args:
+        hidden_states: (B, T, d) the student decoder's output; lm_head_weight: (V, d).
+        teacher_hidden_states: (B, T, d_t) the teacher's (no grad); teacher_head_weight: (V, d_t).
+        labels: (B, T) usually the input ids, with ``ignore_index`` on padding; None: the KL term
+            alone, averaged over every position that predicts a next token.
+        kl_weight >= 0, temperature > 0; chunk_size: rows per chunk (a few chunk x V fp32 buffers).
+    """
+    if not kl_weight >= 0 or not temperature > 0:
+        raise ConfigError(f"kl_weight must be >= 0 and temperature > 0, got {kl_weight!r} and {temperature!r}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ConfigError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    vocab, d = lm_head_weight.shape
+    if teacher_head_weight.shape[0] != vocab or hidden_states.shape[-1] != d \
+            or teacher_hidden_states.shape[-1] != teacher_head_weight.shape[1]:
+        raise ConfigError(f"shapes do not chain: student {tuple(hidden_states.shape)} @ {tuple(lm_head_weight.shape)}, "
+                          f"teacher {tuple(teacher_hidden_states.shape)} @ {tuple(teacher_head_weight.shape)}")
+    ce = labels is not None
+    if not ce:
+        labels = torch.zeros(hidden_states.shape[:-1], dtype=torch.long, device=hidden_states.device)
+    if hidden_states.shape[:-1] != teacher_hidden_states.shape[:-1] or tuple(labels.shape) != tuple(
+            hidden_states.shape[:-1]):
+        raise ConfigError(f"leading shapes differ: student {tuple(hidden_states.shape[:-1])}, teacher "
+                          f"{tuple(teacher_hidden_states.shape[:-1])}, labels {tuple(labels.shape)}")
+    if lm_head_weight.requires_grad:
+        raise ConfigError("causal_lm_distill_loss gives no gradient to the LM head; it requires a frozen head")
+    shift = torch.nn.functional.pad(labels.to(hidden_states.device), (0, 1), value=ignore_index)[..., 1:]
+    shift = shift.reshape(-1).long()
+    valid = shift != ignore_index
+    if bool((valid & ((shift < 0) | (shift >= vocab))).any()):
+        raise ConfigError(f"a label is outside [0, {vocab}) and is not ignore_index={ignore_index}")
+    return _ChunkedLinearDistill.apply(
+        hidden_states.reshape(-1, d), lm_head_weight, teacher_hidden_states.detach().reshape(-1, teacher_hidden_states.shape[-1]),
+        teacher_head_weight.detach(), shift, chunk_size, ignore_index, float(kl_weight), float(temperature), ce)

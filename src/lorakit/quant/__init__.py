@@ -10,7 +10,7 @@
     errors = merge_lora_into_quantized(model, "default")  # optional: re-quantize W + ΔW
 """
 
-from lorakit.quant.lrec import kl_to_teacher, lrec_loss, lrec_train
+from lorakit.quant.lrec import kl_to_teacher, lrec_loss, lrec_train, lrec_training_loss
 from lorakit.quant.quantize import (
     SUPPORTED_BITS,
     QuantLinear,
@@ -36,6 +36,7 @@ __all__ = [
     "load_quantized",
     "lrec_loss",
     "lrec_train",
+    "lrec_training_loss",
     "merge_lora_into_quantized",
     "pack_codes",
     "quantize_model",

@@ -22,7 +22,7 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 
-__all__ = ["kl_to_teacher", "lrec_loss", "lrec_train"]
+__all__ = ["kl_to_teacher", "lrec_loss", "lrec_train", "lrec_training_loss"]
 
 
 def _shifted(student_logits, teacher_logits, labels, shift):
@@ -69,6 +69,31 @@ def lrec_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     return (loss, ce.detach(), kl.detach()) if return_parts else loss
 
 
+def lrec_training_loss(model: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None, kl_weight: float = 1.0, T: float = 1.0,
+                       chunk_size: int = 128) -> torch.Tensor:
+    """The LREC loss of a causal LM batch, computed from both models' last hidden states in row
+    chunks (``lorakit.ops.loss.causal_lm_distill_loss``) so that neither model's (tokens x vocab)
+    logits are formed; the same value as ``lrec_loss`` on full logits, which it falls back to
+    when a model's logits are not a plain frozen head over its decoder. The teacher runs without
+    grad. labels None: the KL term alone (as ``lrec_loss``)."""
+    from lorakit.evaluate import fused_head
+    from lorakit.ops.loss import causal_lm_distill_loss
+
+    s_head, t_head = fused_head(model), fused_head(teacher)
+    plain = all(h is not None and h[2] is None and h[3] is None and not h[1].requires_grad for h in (s_head, t_head))
+    if not plain:
+        with torch.no_grad():
+            zt = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+        return lrec_loss(model(input_ids=input_ids, attention_mask=attention_mask).logits, zt, labels,
+                         kl_weight=kl_weight, T=T)
+    with torch.no_grad():
+        ht = t_head[0](input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hs = s_head[0](input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return causal_lm_distill_loss(hs, s_head[1], ht, t_head[1], labels, kl_weight=kl_weight, temperature=T,
+                                  chunk_size=chunk_size)
+
+
 def _batch(b):
     if isinstance(b, torch.Tensor):
         b = {"input_ids": b}
@@ -107,9 +132,8 @@ def lrec_train(model: nn.Module, teacher: nn.Module, batches, steps: int, lr: fl
     losses = []
     for b in itertools.islice(itertools.cycle(batches), steps):
         inputs, labels = _batch(b)
-        with torch.no_grad():
-            zt = teacher(**inputs).logits
-        loss = lrec_loss(model(**inputs).logits, zt, labels, kl_weight=kl_weight, T=T)
+        loss = lrec_training_loss(model, teacher, inputs["input_ids"], labels, inputs["attention_mask"],
+                                  kl_weight=kl_weight, T=T)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
