@@ -642,6 +642,9 @@ def train(
     if cfg.progress:
         print(f"memory: {trainable:,} trainable parameters, optimizer state {memory['optimizer_state_mb']:.1f} MB, "
               f"peak RSS {memory['peak_rss_mb']:.0f} MB")
+        if lean is not None:
+            print(f"lean activations: {lean['mlp']} MLPs, {lean['norm']} norms, {lean['layers']} layers"
+                  + (f"; left as they were: {', '.join(lean['skipped'])}" if lean["skipped"] else ""))
     log = {
         "config": dataclasses.asdict(cfg),
         "adapter": acfg.to_dict() if acfg else None,
