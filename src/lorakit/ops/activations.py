@@ -85,11 +85,10 @@ def gated_mlp_product(g: torch.Tensor, u: torch.Tensor, act: str = "silu") -> to
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, eps, offset):
-        xf = _f32(x)
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        xhat, r = _normalized(x, eps)
         ctx.offset = offset
         ctx.save_for_backward(x, w, r)
-        return _scale(w, offset, xf * r, x.dtype)
+        return _scale(w, offset, xhat, x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -104,6 +103,13 @@ class _RMSNorm(torch.autograd.Function):
             y = xhat.to(x.dtype) if ctx.offset == 0 else xhat
             dw = (_f32(grad) * _f32(y)).reshape(-1, x.shape[-1]).sum(0).to(w.dtype)
         return dx, dw, None, None
+
+
+def _normalized(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂ = x_f32 * r, r = rsqrt(mean(x_f32^2) + eps)), r of shape (..., 1)."""
+    xf = _f32(x)
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf * r, r
 
 
 def _scale(w: torch.Tensor, offset: float, xhat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -121,6 +127,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        xf = _f32(x)
-        return _scale(weight, offset, xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps), x.dtype)
+        return _scale(weight, offset, _normalized(x, eps)[0], x.dtype)
     return _RMSNorm.apply(x, weight, eps, offset)

@@ -53,6 +53,23 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return out
 
 
+def _check_chunk_size(chunk_size) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ConfigError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _check_label_range(labels1d: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (labels1d != ignore_index) & ((labels1d < 0) | (labels1d >= vocab))
+    if bool(bad.any()):
+        first = labels1d[bad][0].item()
+        raise ConfigError(f"label {first} is outside [0, {vocab}) and is not ignore_index={ignore_index}")
+
+
+def _next_token_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(B, T) labels -> the label each position predicts: shifted left by one, ignore_index last."""
+    return torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
 def _head_logits(h_c: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cdtype: torch.dtype) -> torch.Tensor:
     """h_c @ w.T (+ b) in cdtype, (n_c, V). A w of another dtype (a frozen bf16/fp16 head) is upcast
     a vocab slice at a time: a whole fp32 copy would add V x d x 4 bytes at the step's peak."""
@@ -191,8 +208,7 @@ def chunked_linear_cross_entropy(
     """
     if reduction not in _REDUCTIONS:
         raise ConfigError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ConfigError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     if logit_softcap is not None and not logit_softcap > 0:
         raise ConfigError(f"logit_softcap must be > 0 or None, got {logit_softcap!r}")
     if weight.dim() != 2:
@@ -213,11 +229,7 @@ def chunked_linear_cross_entropy(
 
     hidden2d = hidden.reshape(-1, d)
     labels1d = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
-    valid = labels1d != ignore_index
-    bad = valid & ((labels1d < 0) | (labels1d >= vocab))
-    if bool(bad.any()):
-        first = labels1d[bad][0].item()
-        raise ConfigError(f"label {first} is outside [0, {vocab}) and is not ignore_index={ignore_index}")
+    _check_label_range(labels1d, vocab, ignore_index)
 
     return _ChunkedLinearCrossEntropy.apply(
         hidden2d,
@@ -264,8 +276,7 @@ def causal_lm_loss(
     if shift_labels is None:
         if input_ids_or_labels is None:
             raise ConfigError("causal_lm_loss needs input_ids_or_labels or shift_labels")
-        labels = input_ids_or_labels.to(hidden_states.device)
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = _next_token_labels(input_ids_or_labels.to(hidden_states.device), ignore_index)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = chunked_linear_cross_entropy(
         hidden_states,
@@ -372,8 +383,7 @@ def causal_lm_distill_loss(
     """
     if not kl_weight >= 0 or not temperature > 0:
         raise ConfigError(f"kl_weight must be >= 0 and temperature > 0, got {kl_weight!r} and {temperature!r}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ConfigError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     vocab, d = lm_head_weight.shape
     if teacher_head_weight.shape[0] != vocab or hidden_states.shape[-1] != d \
             or teacher_hidden_states.shape[-1] != teacher_head_weight.shape[1]:
@@ -388,11 +398,8 @@ def causal_lm_distill_loss(
                           f"{tuple(teacher_hidden_states.shape[:-1])}, labels {tuple(labels.shape)}")
     if lm_head_weight.requires_grad:
         raise ConfigError("causal_lm_distill_loss gives no gradient to the LM head; it requires a frozen head")
-    shift = torch.nn.functional.pad(labels.to(hidden_states.device), (0, 1), value=ignore_index)[..., 1:]
-    shift = shift.reshape(-1).long()
-    valid = shift != ignore_index
-    if bool((valid & ((shift < 0) | (shift >= vocab))).any()):
-        raise ConfigError(f"a label is outside [0, {vocab}) and is not ignore_index={ignore_index}")
+    shift = _next_token_labels(labels.to(hidden_states.device), ignore_index).reshape(-1).long()
+    _check_label_range(shift, vocab, ignore_index)
     return _ChunkedLinearDistill.apply(
         hidden_states.reshape(-1, d), lm_head_weight, teacher_hidden_states.detach().reshape(-1, teacher_hidden_states.shape[-1]),
         teacher_head_weight.detach(), shift, chunk_size, ignore_index, float(kl_weight), float(temperature), ce)
